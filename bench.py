@@ -1,0 +1,169 @@
+"""Speed and peak memory of our chunked divergences against plain full-materialisation references.
+
+    python bench.py                       # 2048 tokens over Qwen3-VL's 151,936-token vocabulary
+    python bench.py --tokens=512 --repeats=1
+
+For every case we time forward + backward (sum of the per-token values, backward into the
+student logits) and record the peak memory it takes on top of what was allocated before
+the call (the student and teacher logits). The student logits' gradient is allocated
+during the call and counted in "peak"; it is the same size (tokens x V x 4 bytes) for
+both implementations and unavoidable, so the table also gives the ratio without it.
+
+Memory: on CUDA, torch.cuda.max_memory_allocated. On CPU (Linux), the process's peak
+resident set size (VmHWM in /proc/self/status, reset before each call by writing "5" to
+/proc/self/clear_refs); torch's large CPU tensors are mmap'ed and returned to the OS when
+freed, so this tracks live tensors. The script checks the method first by allocating a
+1 GiB tensor.
+
+The references live here, not in tests/: the tests' references are float64 oracles for
+correctness; the baseline to beat is what one would write without chunking, in float32.
+"""
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from distill_divergence import divergence
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------
+# references: the whole batch at once, float32, autograd saves every (N, V) intermediate
+
+def reference_teacher_logprobs(teacher, vocab_size):
+    if not isinstance(teacher, tuple):
+        return torch.log_softmax(teacher.float(), dim=-1)
+    top_logprobs, top_ids = teacher  # (N, M) each: leftover mass spread evenly over the rest
+    leftover = (1 - top_logprobs.exp().sum(-1, keepdim=True)).clamp_min(1e-30)
+    fill = leftover.log() - torch.log(torch.tensor(float(vocab_size - top_ids.shape[-1])))
+    return fill.expand(-1, vocab_size).clone().scatter(-1, top_ids, top_logprobs)
+
+
+def reference_jsd(log_p_s, log_p_t, beta):
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    log_m = ((1 - beta) * p_s + beta * p_t).log()  # M = (1-beta) p_S + beta p_T
+    return beta * (p_t * (log_p_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_p_s - log_m)).sum(-1)
+
+
+def reference_divergence(student_logits, teacher, kind, beta=0.5, top_k=None):
+    log_p_s = torch.log_softmax(student_logits.float(), dim=-1)  # (N, V)
+    log_p_t = reference_teacher_logprobs(teacher, student_logits.shape[-1])  # (N, V)
+    if kind == "fkl":
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if kind == "rkl":
+        return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    if kind == "jsd":
+        return reference_jsd(log_p_s, log_p_t, beta)
+    top_ids = log_p_s.detach().topk(top_k, dim=-1).indices  # topk_jsd: K+1 buckets
+    buckets = []
+    for log_p in (log_p_s, log_p_t):
+        top = log_p.gather(-1, top_ids)
+        tail = (1 - top.exp().sum(-1, keepdim=True)).clamp_min(1e-30)
+        buckets.append(torch.cat([top, tail.log()], dim=-1))
+    return reference_jsd(*buckets, beta)
+
+
+# ---------------------------------------------------------------------------
+# measuring
+
+def _read_status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_of(fn, device):
+    """Run fn() and return (result, bytes of peak memory above what was allocated before)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+    before = _read_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    result = fn()
+    return result, _read_status_kib("VmHWM") - before
+
+
+def forward_backward(fn, student_logits):
+    student_logits.grad = None
+    values = fn(student_logits)
+    values.sum().backward()
+    if student_logits.is_cuda:
+        torch.cuda.synchronize()
+    return values.detach()
+
+
+def measure(fn, student_logits, repeats, device):
+    """-> (median seconds, max peak bytes, values) over `repeats` forward+backward calls."""
+    seconds, peaks = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        values, peak = peak_memory_of(lambda: forward_backward(fn, student_logits), device)
+        seconds.append(time.perf_counter() - start)
+        peaks.append(peak)
+        student_logits.grad = None
+    return statistics.median(seconds), max(peaks), values
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--top_k", type=int, default=100, help="K of topk_jsd")
+    parser.add_argument("--top_m", type=int, default=100, help="M of the teacher's top-M log-probs")
+    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (median)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+
+    _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4).sum(), device)
+    print(f"device {device}; memory check: a 1 GiB tensor reads as {one_gib / GiB:.3f} GiB")
+
+    student = (torch.randn(args.tokens, args.vocab, device=device) * 2).requires_grad_()  # (N, V) fp32
+    teacher = torch.randn(args.tokens, args.vocab, device=device) * 2  # (N, V)
+    # teacher's top-M as a server would return it: M distinct ids, log-probs summing to 0.9
+    top_ids = torch.rand(args.tokens, args.vocab, device=device).topk(args.top_m, dim=-1).indices
+    top_logprobs = torch.log_softmax(torch.randn(args.tokens, args.top_m, device=device) * 2, -1) + torch.tensor(0.9).log()
+    teacher_top = (top_logprobs, top_ids)
+    gc.collect()
+    grad_bytes = student.numel() * student.element_size()
+
+    cases = [  # (label, kind, teacher, kwargs)
+        ("fkl", "fkl", teacher, {}),
+        ("rkl", "rkl", teacher, {}),
+        ("jsd", "jsd", teacher, {}),
+        (f"topk_jsd K={args.top_k}", "topk_jsd", teacher, {"top_k": args.top_k}),
+        (f"topk_jsd K={args.top_k}, teacher top-M={args.top_m}", "topk_jsd", teacher_top, {"top_k": args.top_k}),
+    ]
+    print(f"{args.tokens} tokens x V={args.vocab}, fp32 logits ({grad_bytes / GiB:.2f} GiB each), "
+          f"chunk_size={args.chunk_size}, median of {args.repeats} run(s); "
+          f"peak = memory above the inputs during forward+backward, incl. the logits' gradient")
+    header = (f"{'case':<36} {'ref s':>7} {'ours s':>7} {'time':>6} {'ref GiB':>8} {'ours GiB':>9} "
+              f"{'peak':>6} {'peak-grad':>10} {'max |diff|':>11}")
+    print(header)
+    print("-" * len(header))
+    for label, kind, teacher_input, kwargs in cases:
+        ref_s, ref_peak, ref_values = measure(
+            lambda s: reference_divergence(s, teacher_input, kind, **kwargs), student, args.repeats, device)
+        ours_s, ours_peak, ours_values = measure(
+            lambda s: divergence(s, teacher_input, kind, chunk_size=args.chunk_size, **kwargs), student, args.repeats, device)
+        max_diff = (ours_values - ref_values).abs().max().item()
+        print(f"{label:<36} {ref_s:>7.2f} {ours_s:>7.2f} {ours_s / ref_s:>6.2f} {ref_peak / GiB:>8.2f} "
+              f"{ours_peak / GiB:>9.2f} {ours_peak / ref_peak:>6.2f} "
+              f"{(ours_peak - grad_bytes) / (ref_peak - grad_bytes):>10.2f} {max_diff:>11.1e}", flush=True)
+    print("time, peak, peak-grad: ours / reference (lower is better; goal: peak <= 0.25 at time <= 1)")
+
+
+if __name__ == "__main__":
+    main()

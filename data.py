@@ -1,0 +1,413 @@
+"""Samples, the embedded synthetic visual world, JSONL loading, prompts and batching.
+
+The embedded world is a 4x4 grid of 32-pixel cells (128x128 pixels), so each of the
+16 merged visual tokens of the tiny Qwen3-VL covers exactly one cell. Cells are named
+by row letter and column number, a1 (top left) .. d4 (bottom right). Every object sits
+in its own cell and has a colour, a shape and a size.
+
+Seven task families stand in for the paper's seven benchmarks:
+    in-domain:     count, attribute, spatial, compare, arithmetic
+    out-of-domain: dense_count  (counting in scenes with 9-13 objects; training has 3-7)
+                   novel_pair   (counting colour-shape pairs never drawn in training)
+Each sample carries its visual cue (where the relevant objects are, never the answer),
+the boxes of those objects, and a rationale that walks through them to the answer.
+"""
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
+SHAPES = ["circle", "square", "triangle"]
+SIZES = {"big": 13, "small": 7}  # half-width in pixels
+GRID, CELL = 4, 32
+IMAGE_SIZE = GRID * CELL
+ROWS = "abcd"
+CELLS = [f"{r}{c + 1}" for r in ROWS for c in range(GRID)]
+HELD_OUT_PAIRS = [("yellow", "triangle"), ("blue", "circle")]  # never drawn in in-domain scenes
+IN_DOMAIN = ["count", "attribute", "spatial", "compare", "arithmetic"]
+OUT_OF_DOMAIN = ["dense_count", "novel_pair"]
+FAMILIES = IN_DOMAIN + OUT_OF_DOMAIN
+EVAL_SEED_OFFSET = 1_000_000
+MAX_IMAGE_PIXELS = 40_000_000  # a larger image is almost surely a mistake in the data
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    question: str
+    answer: str
+    rationale: str | None = None
+    cue: str | None = None  # the question-relevant visual evidence as text, never the answer
+    boxes: list[list[float]] = field(default_factory=list)  # [x0, y0, x1, y1] pixels
+    task: str = "default"
+    id: str = ""
+
+
+# ----------------------------------------------------------------------------- the world
+
+@dataclass
+class Obj:
+    color: str
+    shape: str
+    size: str
+    cell: str
+
+    @property
+    def box(self):
+        row, col = ROWS.index(self.cell[0]), int(self.cell[1]) - 1
+        cx, cy, half = col * CELL + CELL // 2, row * CELL + CELL // 2, SIZES[self.size]
+        return [cx - half, cy - half, cx + half, cy + half]
+
+
+def plural(shape):
+    return shape + "s"
+
+
+def render(objects):
+    """Draw the scene: white background, faint grid, one shape per occupied cell."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i in range(1, GRID):
+        draw.line([(i * CELL, 0), (i * CELL, IMAGE_SIZE)], fill=(225, 225, 225))
+        draw.line([(0, i * CELL), (IMAGE_SIZE, i * CELL)], fill=(225, 225, 225))
+    for obj in objects:
+        x0, y0, x1, y1 = obj.box
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def random_scene(rng, num_objects, allow_held_out):
+    pairs = [(c, s) for c in COLORS for s in SHAPES if allow_held_out or (c, s) not in HELD_OUT_PAIRS]
+    cells = rng.sample(CELLS, num_objects)
+    return [Obj(*rng.choice(pairs), rng.choice(list(SIZES)), cell) for cell in sorted(cells)]
+
+
+def cells_text(objs):
+    return " ".join(o.cell for o in objs) if objs else "none"
+
+
+def matches(obj, color=None, shape=None):
+    return (color is None or obj.color == color) and (shape is None or obj.shape == shape)
+
+
+def describe(color, shape):
+    """Plural noun phrase: 'red circles', 'circles', 'red objects'."""
+    return f"{color + ' ' if color else ''}{plural(shape) if shape else 'objects'}"
+
+
+def count_question(rng, objects, pairs_only=None):
+    """'how many X are there ?' with X a colour, a shape or both."""
+    if pairs_only:
+        color, shape = rng.choice(pairs_only)
+    else:
+        obj = rng.choice(objects)
+        color, shape = rng.choice([(obj.color, None), (None, obj.shape), (obj.color, obj.shape)])
+        if rng.random() < 0.2:  # sometimes ask for a pair that may be absent (never a held-out one)
+            color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS])
+    found = [o for o in objects if matches(o, color, shape)]
+    what = describe(color, shape)
+    return (f"how many {what} are there ?", str(len(found)), found,
+            f"{what} : {cells_text(found)} .", f"the {what} are at : {cells_text(found)}")
+
+
+def unique_objects(objects, key):
+    values = [key(o) for o in objects]
+    return [o for o in objects if values.count(key(o)) == 1]
+
+
+def attribute_question(rng, objects):
+    """Colour of the only <shape>, shape of the only <colour> object, or size of one object."""
+    kinds = []
+    if unique_objects(objects, lambda o: o.shape):
+        kinds.append("color")
+    if unique_objects(objects, lambda o: o.color):
+        kinds.append("shape")
+    if unique_objects(objects, lambda o: (o.color, o.shape)):
+        kinds.append("size")
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    if kind == "color":
+        obj = rng.choice(unique_objects(objects, lambda o: o.shape))
+        question, name, answer = f"what color is the {obj.shape} ?", f"the {obj.shape}", obj.color
+    elif kind == "shape":
+        obj = rng.choice(unique_objects(objects, lambda o: o.color))
+        question, name, answer = f"what shape is the {obj.color} object ?", f"the {obj.color} object", obj.shape
+    else:
+        obj = rng.choice(unique_objects(objects, lambda o: (o.color, o.shape)))
+        question, name, answer = f"is the {obj.color} {obj.shape} big or small ?", f"the {obj.color} {obj.shape}", obj.size
+    return (question, answer, [obj], f"{name} is at {obj.cell} . it is {answer} .", f"{name} is at {obj.cell}")
+
+
+def spatial_question(rng, objects):
+    """Is the A left of / above the B (A and B unique colour-shape pairs)?"""
+    unique = unique_objects(objects, lambda o: (o.color, o.shape))
+    if len(unique) < 2:
+        return None
+    first, second = rng.sample(unique, 2)
+    relation = rng.choice(["left of", "above"])
+    if relation == "left of":
+        holds = int(first.cell[1]) < int(second.cell[1])
+    else:
+        holds = ROWS.index(first.cell[0]) < ROWS.index(second.cell[0])
+    a, b = f"the {first.color} {first.shape}", f"the {second.color} {second.shape}"
+    where = f"{a} is at {first.cell} . {b} is at {second.cell}"
+    return (f"is {a} {relation} {b} ?", "yes" if holds else "no", [first, second], where + " .", where)
+
+
+def two_groups(rng, objects):
+    """Two disjoint groups by colour or by shape: ((color, shape), (color, shape))."""
+    if rng.random() < 0.5:
+        c1, c2 = rng.sample(list(COLORS), 2)
+        return (c1, None), (c2, None)
+    s1, s2 = rng.sample(SHAPES, 2)
+    return (None, s1), (None, s2)
+
+
+def compare_question(rng, objects):
+    (c1, s1), (c2, s2) = two_groups(rng, objects)
+    group1 = [o for o in objects if matches(o, c1, s1)]
+    group2 = [o for o in objects if matches(o, c2, s2)]
+    if len(group1) == len(group2) and rng.random() < 0.7:  # keep ties rarer
+        return None
+    w1, w2 = describe(c1, s1), describe(c2, s2)
+    where = f"{w1} : {cells_text(group1)} . {w2} : {cells_text(group2)}"
+    steps = f"{where} . {len(group1)} against {len(group2)} ."
+    return (f"are there more {w1} than {w2} ?", "yes" if len(group1) > len(group2) else "no",
+            group1 + group2, steps, where)
+
+
+def arithmetic_question(rng, objects):
+    (c1, s1), (c2, s2) = two_groups(rng, objects)
+    group1 = [o for o in objects if matches(o, c1, s1)]
+    group2 = [o for o in objects if matches(o, c2, s2)]
+    w1, w2 = describe(c1, s1), describe(c2, s2)
+    where = f"{w1} : {cells_text(group1)} . {w2} : {cells_text(group2)}"
+    total = len(group1) + len(group2)
+    steps = f"{where} . {len(group1)} plus {len(group2)} is {total} ."
+    return f"how many {w1} and {w2} are there in total ?", str(total), group1 + group2, steps, where
+
+
+def make_sample(rng, task, index, seed):
+    """One sample of a task family; retries scenes until the family's question exists."""
+    while True:
+        if task == "dense_count":
+            objects = random_scene(rng, rng.randint(9, 13), allow_held_out=False)
+            made = count_question(rng, objects)
+        elif task == "novel_pair":
+            objects = random_scene(rng, rng.randint(3, 7), allow_held_out=True)
+            present = [p for p in HELD_OUT_PAIRS if any(matches(o, *p) for o in objects)]
+            made = count_question(rng, objects, pairs_only=present) if present else None
+        else:
+            objects = random_scene(rng, rng.randint(3, 7), allow_held_out=False)
+            make = {"count": count_question, "attribute": attribute_question, "spatial": spatial_question,
+                    "compare": compare_question, "arithmetic": arithmetic_question}[task]
+            made = make(rng, objects)
+        if made is not None:
+            break
+    question, answer, relevant, steps, cue = made
+    return Sample(image=render(objects), question=question, answer=answer,
+                  rationale=f"{steps} so the answer is {answer} .", cue=cue,
+                  boxes=[o.box for o in relevant], task=task, id=f"{task}-{seed}-{index}"), objects
+
+
+def make_world(num_samples, seed=0, families=IN_DOMAIN):
+    """A deterministic list of samples, families in round-robin order."""
+    rng = random.Random(seed)
+    return [make_sample(rng, families[i % len(families)], i, seed)[0] for i in range(num_samples)]
+
+
+def eval_world(num_samples, seed=0):
+    """The evaluation set: all seven families, from a seed range training never uses."""
+    return make_world(num_samples, seed=EVAL_SEED_OFFSET + seed, families=FAMILIES)
+
+
+def describe_sample(rng, index, seed):
+    """The dense grounded auxiliary task used in SFT: list every object by cell."""
+    objects = random_scene(rng, rng.randint(3, 7), allow_held_out=False)
+    listing = " . ".join(f"{o.cell} {o.size} {o.color} {o.shape}" for o in objects)
+    return Sample(image=render(objects), question="describe the image .", answer=listing,
+                  rationale=listing + " .", task="describe", id=f"describe-{seed}-{index}")
+
+
+def world_vocabulary():
+    """Every word the embedded world, its hints and the chat template can produce."""
+    words = ["user", "assistant", "system", "[", "]:", "Hint", ":", ".", "?", "so", "the", "answer", "is",
+             "how", "many", "are", "there", "in", "total", "and", "what", "color", "shape", "object", "objects",
+             "big", "or", "small", "left", "of", "above", "at", "it", "more", "than", "against", "plus", "yes",
+             "no", "none", "describe", "image", "look", "crops", "You", "a", "helpful", "Answer", "with",
+             "reason", "step", "by", "then", "give", "final"]
+    words += list(COLORS) + SHAPES + [plural(s) for s in SHAPES] + CELLS + [str(n) for n in range(33)]
+    return list(dict.fromkeys(words))
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_jsonl(samples, path):
+    """Write samples in the on-disk format: images next to the JSONL, paths relative to it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    with open(path, "w") as f:
+        for i, sample in enumerate(samples):
+            name = f"images/{sample.id or i}.png"
+            sample.image.save(os.path.join(folder, name))
+            record = {"image": name, "question": sample.question, "answer": sample.answer,
+                      "rationale": sample.rationale, "cue": sample.cue, "boxes": sample.boxes,
+                      "task": sample.task, "id": sample.id}
+            f.write(json.dumps(record) + "\n")
+
+
+def parse_record(line, folder):
+    """One JSONL line -> Sample; raises ValueError with the reason."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    for key in ("image", "question", "answer"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise ValueError(f"field '{key}' must be a non-empty string")
+    for key in ("rationale", "cue", "task", "id"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"field '{key}' must be a string, got {type(record[key]).__name__}")
+    unknown = set(record) - {"image", "question", "answer", "rationale", "cue", "boxes", "task", "id"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}")
+    image_path = os.path.join(folder, record["image"])
+    if not os.path.isfile(image_path):
+        raise ValueError(f"image '{record['image']}' not found (looked at {image_path})")
+    try:
+        with Image.open(image_path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image '{record['image']}' is {width}x{height}, over {MAX_IMAGE_PIXELS} pixels")
+            image = image.convert("RGB")  # greyscale, palette and RGBA become RGB; forces a full decode
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(f"image '{record['image']}' cannot be read ({type(error).__name__}: {error})") from None
+    boxes = record.get("boxes") or []
+    if not isinstance(boxes, list):
+        raise ValueError("field 'boxes' must be a list of [x0, y0, x1, y1]")
+    for box in boxes:
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise ValueError(f"box {box} is not four numbers [x0, y0, x1, y1]")
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"box {box} is not inside the {width}x{height} image with x0<x1, y0<y1")
+    return Sample(image=image, question=record["question"], answer=record["answer"],
+                  rationale=record.get("rationale"), cue=record.get("cue"), boxes=boxes,
+                  task=record.get("task") or "default", id=record.get("id") or "")
+
+
+def load_jsonl(path, skip_bad=False):
+    """Load and validate a JSONL file of samples. A bad line raises 'FILE:LINE: reason',
+    or with skip_bad=True is skipped, counted and reported. Returns (samples, num_skipped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    folder = os.path.dirname(os.path.abspath(path))
+    samples, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                sample = parse_record(line, folder)
+            except ValueError as error:
+                if not skip_bad:
+                    raise ValueError(f"{path}:{line_number}: {error}") from None
+                skipped.append(f"{path}:{line_number}: {error}")
+                continue
+            sample.id = sample.id or f"{os.path.basename(path)}:{line_number}"
+            samples.append(sample)
+    if skipped:
+        print(f"load_jsonl: skipped {len(skipped)} bad line(s) in {path}; first: {skipped[0]}")
+    if not samples:
+        raise ValueError(f"{path}: no valid samples")
+    return samples, len(skipped)
+
+
+# ----------------------------------------------------------------------------- prompts and batches
+
+def user_message(images, text, extra_images=()):
+    """One user turn: the images, the text, then any extra images (crops) after the text."""
+    parts = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+    return {"role": "user", "content": parts + [{"type": "image", "image": image} for image in extra_images]}
+
+
+def chat_images(chat):
+    """The PIL images of a chat, in the order the chat template places them."""
+    return [part["image"] for message in chat if not isinstance(message["content"], str)
+            for part in message["content"] if part["type"] == "image"]
+
+
+def student_messages(sample):
+    """What the student (and every evaluation) sees: the image and the question, nothing else."""
+    return [user_message([sample.image], sample.question)]
+
+
+def completion_token_ids(processor, text):
+    """Token ids of an assistant completion, ending in the end-of-turn token."""
+    tokenizer = processor.tokenizer
+    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def collate(processor, chats, completion_ids=None, max_length=None, sample_ids=None):
+    """Batch chat prompts (and optional completions) through the processor, left padded.
+
+    chats: one chat (list of messages, images inside their parts) per row.
+    completion_ids: optional list of token-id lists appended after each prompt.
+    Returns input_ids, attention_mask, mm_token_type_ids (B, L), pixel_values, image_grid_thw,
+    and completion_mask (B, L), 1 on completion tokens, when completions are given.
+    """
+    texts = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+    flat_images = [image for chat in chats for image in chat_images(chat)]
+    prompt = processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
+    pad_id = processor.tokenizer.pad_token_id
+    rows = []
+    for i in range(len(texts)):
+        keep = prompt["attention_mask"][i].bool()
+        ids, types = prompt["input_ids"][i][keep].tolist(), prompt["mm_token_type_ids"][i][keep].tolist()
+        completion = list(completion_ids[i]) if completion_ids is not None else []
+        rows.append((ids + completion, types + [0] * len(completion), [0] * len(ids) + [1] * len(completion)))
+    length = max(len(ids) for ids, _, _ in rows)
+    if max_length is not None and length > max_length:
+        row = max(range(len(rows)), key=lambda r: len(rows[r][0]))
+        name = f" (sample {sample_ids[row]})" if sample_ids else ""
+        raise ValueError(f"a sequence of {length} tokens{name} exceeds max_length={max_length}; "
+                         f"shorten the question or raise --max_prompt_length")
+
+    def left_pad(values, fill):
+        return torch.tensor([[fill] * (length - len(v)) + v for v in values])
+
+    batch = {
+        "input_ids": left_pad([r[0] for r in rows], pad_id),
+        "attention_mask": left_pad([[1] * len(r[0]) for r in rows], 0),
+        "mm_token_type_ids": left_pad([r[1] for r in rows], 0),
+    }
+    if "pixel_values" in prompt:
+        batch["pixel_values"] = prompt["pixel_values"]
+        batch["image_grid_thw"] = prompt["image_grid_thw"]
+    if completion_ids is not None:
+        batch["completion_mask"] = left_pad([r[2] for r in rows], 0)
+    return batch
+
+
+def model_inputs(batch):
+    """The keys of a batch that the model's forward takes."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    return {k: batch[k] for k in keys if k in batch}

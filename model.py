@@ -1,0 +1,99 @@
+"""Load a Qwen3-VL student or teacher: a real checkpoint by name or path, or the embedded tiny one.
+
+`tiny` and `tiny-large` are real `Qwen3VLForConditionalGeneration` models built from a
+`Qwen3VLConfig` with random weights, a word-level tokenizer over the embedded world's
+vocabulary that carries Qwen's chat special tokens, and a real `Qwen3VLProcessor`.
+Images are 128x128: 16-pixel patches, 2x2 merge, so 16 visual tokens, one per grid cell.
+"""
+
+import os
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast,
+                          Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+from data import IMAGE_SIZE, world_vocabulary
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen-style chat template: <|im_start|>role\n content <|im_end|>\n, images as vision pads.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_SIZES = {
+    # name: (text hidden, text layers, text heads, vision hidden, vision layers)
+    "tiny": (128, 4, 4, 64, 2),
+    "tiny-large": (192, 6, 6, 96, 2),
+}
+
+
+def tiny_processor():
+    """Word-level tokenizer over the world's vocabulary + Qwen special tokens, in a Qwen3VLProcessor."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ["<unk>"] + world_vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>",
+                                        eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS)
+    tokenizer.padding_side = "left"
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": pixels // 4, "longest_edge": pixels},
+                                            patch_size=16, merge_size=2, temporal_patch_size=2,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(name, tokenizer):
+    """A Qwen3VLConfig of a few million parameters, with the tokenizer's special-token ids."""
+    if name not in TINY_SIZES:
+        raise ValueError(f"unknown tiny size '{name}'; known: {sorted(TINY_SIZES)}")
+    hidden, layers, heads, vision_hidden, vision_layers = TINY_SIZES[name]
+    head_dim = hidden // heads
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         head_dim=head_dim, max_position_embeddings=2048, pad_token_id=ids("<|endoftext|>"),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=4, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=hidden, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+
+
+def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
+    """(model, processor). 'tiny' / 'tiny-large' build the embedded model with random weights
+    (seeded); anything else goes to transformers' from_pretrained (a hub id or a local directory)."""
+    if name_or_path in TINY_SIZES:
+        processor = tiny_processor()
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(tiny_config(name_or_path, processor.tokenizer)).to(dtype)
+    else:
+        if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+            raise FileNotFoundError(f"checkpoint directory '{name_or_path}' does not exist "
+                                    f"(a model is 'tiny', 'tiny-large', a hub id or a local directory)")
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model.to(device), processor
+
+
+def num_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,125 @@
+"""Batched on-policy sampling with a KV cache: the student's rollouts.
+
+Our own loop (prefill once, then one token per step through transformers' DynamicCache),
+so the log-probs of the sampled tokens come out of the same forward that chose them:
+    logprob_t = log softmax(logits_t / temperature)[y_t]
+(the tempered model distribution, before top-k / top-p truncation, which is the pi_old
+of the distillation objective).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from data import model_inputs
+
+
+@dataclass
+class Rollout:
+    prompt: dict                      # the collated prompt batch, left padded (B, P)
+    completion_ids: torch.Tensor      # (B, T) sampled tokens, pad after the end of turn
+    completion_mask: torch.Tensor     # (B, T) 1 on generated tokens, the end-of-turn token included
+    logprobs: torch.Tensor            # (B, T) log pi_old(y_t), 0 where masked
+    texts: list                       # decoded completions, special tokens removed
+
+    @property
+    def lengths(self):
+        return self.completion_mask.sum(-1)
+
+
+def repeat_batch(batch, n):
+    """Repeat every row of a collated batch n times (row i -> rows i*n .. i*n+n-1),
+    with its images: pixel_values are stored flat, so they are split per row first."""
+    if n == 1:
+        return batch
+    image_tokens = batch["mm_token_type_ids"] == 1                             # (B, L)
+    starts = image_tokens & ~torch.nn.functional.pad(image_tokens, (1, 0))[:, :-1]
+    images_per_row = starts.sum(-1).tolist()
+    out = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in batch:
+        grids = batch["image_grid_thw"].split(images_per_row)
+        patches = batch["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])
+        out["pixel_values"] = torch.cat([p for p in patches for _ in range(n)])
+        out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(n)])
+    return out
+
+
+def prompt_positions(model, batch):
+    """M-RoPE positions of the prompt (3, B, P) and each row's next position (B,)."""
+    if "image_grid_thw" not in batch:
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return positions.unsqueeze(0).expand(3, -1, -1), batch["attention_mask"].sum(-1)
+    positions, rope_deltas = model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"])
+    return positions, batch["attention_mask"].sum(-1) + rope_deltas.view(-1)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top_k largest logits and the smallest set with probability >= top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p      # mass before this token already >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, presence_penalty=0.0,
+           max_new_tokens=64, greedy=False, generator=None):
+    """Sample n completions per prompt of a collated, left-padded batch -> Rollout."""
+    batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
+    tokenizer = processor.tokenizer
+    stop_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
+    pad_id = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+
+    positions, next_position = prompt_positions(model, batch)
+    attention_mask = batch["attention_mask"]
+    cache = DynamicCache(config=model.config.get_text_config())
+    inputs = model_inputs(batch)
+    logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    batch_size = attention_mask.shape[0]
+    finished = torch.zeros(batch_size, dtype=torch.bool)
+    seen = torch.zeros(batch_size, logits.shape[-1], dtype=torch.bool)   # for the presence penalty
+    tokens, logprobs, masks = [], [], []
+    for _ in range(max_new_tokens):
+        logits = logits.float()
+        if presence_penalty:
+            logits = logits - presence_penalty * seen.to(logits.dtype)
+        if greedy:
+            token = logits.argmax(-1)
+            token_logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+        else:
+            scaled = logits / temperature
+            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            token_logprob = scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logprobs.append(torch.where(finished, torch.zeros_like(token_logprob), token_logprob))
+        masks.append(~finished)
+        seen[torch.arange(batch_size), token] = True
+        finished = finished | torch.isin(token, stop_ids)
+        if finished.all():
+            break
+        # one decode step: the new token's M-RoPE position is the same on all three axes
+        attention_mask = torch.cat([attention_mask, torch.ones(batch_size, 1, dtype=attention_mask.dtype)], dim=1)
+        step_positions = next_position.view(1, -1, 1).expand(3, -1, -1)
+        next_position = next_position + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+
+    model.train(was_training)
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = torch.stack(masks, dim=1).long()
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True)
+    return Rollout(prompt=batch, completion_ids=completion_ids, completion_mask=completion_mask,
+                   logprobs=torch.stack(logprobs, dim=1), texts=[t.strip() for t in texts])

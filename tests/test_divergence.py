@@ -1,0 +1,350 @@
+"""Divergences, token log-probs, entropy and the sampled-token loss, each checked against a
+plain full-materialisation float64 reference written here."""
+from distill_divergence import divergence, entropy, masked_mean, sampled_token_loss, token_logprobs
+
+import pytest
+import torch
+
+V = 50
+SHAPE = (3, 7, V)  # 21 rows
+CHUNK = 4  # fewer rows than 21: chunking is exercised, with a ragged last chunk
+KINDS = ("fkl", "rkl", "jsd", "topk_jsd")
+
+
+# ---------------------------------------------------------------------------
+# references: float64, whole batch at once, formulas as written in the papers
+
+def ref_kl(p, q):
+    """sum_v p (log p - log q), 0 log 0 = 0."""
+    return torch.where(p > 0, p * (p.log() - q.log()), 0).sum(-1)
+
+
+def ref_jsd(p_s, p_t, beta, stop_grad_weights=False):
+    m = (1 - beta) * p_s + beta * p_t
+    weights = p_s.detach() if stop_grad_weights else p_s
+    student_term = torch.where(p_s > 0, weights * (p_s.log() - m.log()), 0).sum(-1)
+    return beta * ref_kl(p_t, m) + (1 - beta) * student_term
+
+
+def ref_topk_jsd(p_s, p_t, top_k, beta, stop_grad_weights=False):
+    """Brute force: for every position build the K+1 buckets one by one."""
+    p_s_rows, p_t_rows = p_s.reshape(-1, p_s.shape[-1]), p_t.reshape(-1, p_t.shape[-1])
+    values = []
+    for row_s, row_t in zip(p_s_rows, p_t_rows):
+        top = sorted(range(len(row_s)), key=lambda v: -row_s[v].item())[:top_k]
+        buckets_s = [row_s[v] for v in top]
+        buckets_t = [row_t[v] for v in top]
+        buckets_s.append((1 - sum(buckets_s)).clamp(min=0))
+        buckets_t.append((1 - sum(buckets_t)).clamp(min=0))
+        values.append(ref_jsd(torch.stack(buckets_s), torch.stack(buckets_t), beta, stop_grad_weights))
+    return torch.stack(values).reshape(p_s.shape[:-1])
+
+
+def ref_divergence(student_logits, teacher_probs, kind, beta=0.5, top_k=None, temperature=1.0, stop_grad_weights=False):
+    p_s = torch.softmax(student_logits.double() / temperature, dim=-1)
+    if kind == "fkl":
+        return ref_kl(teacher_probs, p_s)
+    if kind == "rkl":
+        return ref_kl(p_s, teacher_probs)
+    if kind == "jsd":
+        return ref_jsd(p_s, teacher_probs, beta, stop_grad_weights)
+    return ref_topk_jsd(p_s, teacher_probs, top_k, beta, stop_grad_weights)
+
+
+def ref_teacher_probs(teacher_logits, temperature=1.0):
+    return torch.softmax(teacher_logits.double() / temperature, dim=-1)
+
+
+def ref_teacher_from_top(top_logprobs, top_ids, vocab_size):
+    """Listed ids get their probability; the leftover is spread evenly over the others."""
+    listed = top_logprobs.double().exp()
+    num_unlisted = vocab_size - top_ids.shape[-1]
+    leftover = (1 - listed.sum(-1, keepdim=True)).clamp(min=0)
+    fill = leftover / num_unlisted if num_unlisted else torch.zeros_like(leftover)
+    probs = fill.expand(*top_ids.shape[:-1], vocab_size).clone()
+    return probs.scatter(-1, top_ids, listed)
+
+
+def teacher_top(teacher_logits, num_top):
+    top = torch.log_softmax(teacher_logits, dim=-1).topk(num_top, dim=-1)
+    return top.values, top.indices
+
+
+def kind_kwargs(kind, top_k=10):
+    return {"top_k": top_k} if kind == "topk_jsd" else {}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+def random_logits(seed, shape=SHAPE, scale=2.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def value_and_grad(fn, student_logits, seed=99):
+    """fn(student) -> (...) values; returns values and d sum(w * values) / d student for random w."""
+    student = student_logits.detach().clone().requires_grad_()
+    values = fn(student)
+    weights = torch.rand(values.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    weights = weights.to(values.dtype)
+    (grad,) = torch.autograd.grad((values * weights).sum(), student)
+    return values.detach(), grad
+
+
+def assert_matches_reference(ours, reference, student_logits, value_atol=1e-5, grad_atol=1e-6):
+    ours_values, ours_grad = value_and_grad(ours, student_logits)
+    ref_values, ref_grad = value_and_grad(reference, student_logits.double())
+    assert ours_values.dtype == torch.float32
+    torch.testing.assert_close(ours_values, ref_values.float(), atol=value_atol, rtol=1e-4)
+    torch.testing.assert_close(ours_grad.float(), ref_grad.float(), atol=grad_atol, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# divergence: full teacher logits
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_divergence_matches_reference(kind):
+    student, teacher = random_logits(0), random_logits(1)
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, kind, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, ref_teacher_probs(teacher), kind, **kind_kwargs(kind)),
+        student,
+    )
+
+
+@pytest.mark.parametrize("kind", ["jsd", "topk_jsd"])
+@pytest.mark.parametrize("beta", [0.1, 0.9])
+def test_jsd_beta(kind, beta):
+    student, teacher = random_logits(2), random_logits(3)
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, kind, beta=beta, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, ref_teacher_probs(teacher), kind, beta=beta, **kind_kwargs(kind)),
+        student,
+    )
+
+
+@pytest.mark.parametrize("top_k", [1, 5, V - 1])
+def test_topk_jsd_brute_force(top_k):
+    student, teacher = random_logits(4), random_logits(5)
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, "topk_jsd", top_k=top_k, chunk_size=CHUNK),
+        lambda s: ref_topk_jsd(torch.softmax(s, -1), ref_teacher_probs(teacher), top_k, beta=0.5),
+        student,
+    )
+
+
+def test_topk_jsd_with_k_equal_vocab_is_jsd():
+    student, teacher = random_logits(6), random_logits(7)
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, "topk_jsd", top_k=V, beta=0.3, chunk_size=CHUNK),
+        lambda s: divergence(s.float(), teacher, "jsd", beta=0.3).double(),
+        student,
+    )
+
+
+@pytest.mark.parametrize("kind", ["jsd", "topk_jsd"])
+def test_stop_grad_weights(kind):
+    student, teacher = random_logits(8), random_logits(9)
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, kind, stop_grad_weights=True, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, ref_teacher_probs(teacher), kind, stop_grad_weights=True, **kind_kwargs(kind)),
+        student,
+    )
+    # same value, different gradient than without the stop-gradient
+    plain_values, plain_grad = value_and_grad(lambda s: divergence(s, teacher, kind, **kind_kwargs(kind)), student)
+    stop_values, stop_grad = value_and_grad(
+        lambda s: divergence(s, teacher, kind, stop_grad_weights=True, **kind_kwargs(kind)), student)
+    torch.testing.assert_close(stop_values, plain_values)
+    assert (stop_grad - plain_grad).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature(kind):
+    student, teacher = random_logits(10), random_logits(11)
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, kind, temperature=2.5, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, ref_teacher_probs(teacher, 2.5), kind, temperature=2.5, **kind_kwargs(kind)),
+        student,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_logits(kind):
+    # distinct student logits (multiples of 1/8, exact in bf16): bf16 rounding makes ties, and
+    # with a tie at the K-th place topk_jsd's bucket set is ambiguous
+    ranks = torch.rand(SHAPE, generator=torch.Generator().manual_seed(12)).argsort(-1)
+    student_fp32 = (ranks - V / 2) / 8
+    student, teacher = student_fp32.bfloat16(), random_logits(13).bfloat16()
+    ours = divergence(student, teacher, kind, chunk_size=CHUNK, **kind_kwargs(kind))
+    assert ours.dtype == torch.float32
+    # float32 math on the bf16 values: as close to the reference as float32 inputs are
+    reference = ref_divergence(student, ref_teacher_probs(teacher), kind, **kind_kwargs(kind))
+    torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
+    # and close to the float32 result before rounding the logits to bf16
+    full_precision = divergence(student_fp32, random_logits(13), kind, **kind_kwargs(kind))
+    torch.testing.assert_close(ours, full_precision, atol=5e-2, rtol=5e-2)
+    student.requires_grad_()
+    (grad,) = torch.autograd.grad(divergence(student, teacher, kind, chunk_size=CHUNK, **kind_kwargs(kind)).sum(), student)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+
+
+# ---------------------------------------------------------------------------
+# divergence: teacher given as its top-M log-probs
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_m_teacher_matches_reference(kind):
+    student, teacher = random_logits(14), random_logits(15)
+    top_logprobs, top_ids = teacher_top(teacher, num_top=8)
+    teacher_probs = ref_teacher_from_top(top_logprobs, top_ids, V)
+    # temperature applies to the student only: the teacher's log-probs are already final
+    assert_matches_reference(
+        lambda s: divergence(s, (top_logprobs, top_ids), kind, temperature=1.5, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, teacher_probs, kind, temperature=1.5, **kind_kwargs(kind)),
+        student,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_m_teacher_with_m_equal_vocab_is_full_teacher(kind):
+    student, teacher = random_logits(16), random_logits(17)
+    top_logprobs, top_ids = teacher_top(teacher, num_top=V)
+    assert_matches_reference(
+        lambda s: divergence(s, (top_logprobs, top_ids), kind, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: divergence(s.float(), teacher, kind, **kind_kwargs(kind)).double(),
+        student,
+    )
+
+
+def test_top_m_teacher_whose_top_holds_all_mass_stays_finite():
+    student = random_logits(18)
+    teacher = torch.full(SHAPE, -1e4).scatter(-1, torch.zeros(*SHAPE[:-1], 1, dtype=torch.long), 0.0)
+    top_logprobs, top_ids = teacher_top(teacher, num_top=3)  # leftover rounds to 0
+    for kind in KINDS:
+        values, grad = value_and_grad(lambda s: divergence(s, (top_logprobs, top_ids), kind, **kind_kwargs(kind)), student)
+        assert torch.isfinite(values).all() and torch.isfinite(grad).all(), kind
+
+
+# ---------------------------------------------------------------------------
+# divergence: errors and autograd contract
+
+def test_bad_arguments_raise():
+    student, teacher = random_logits(19), random_logits(20)
+    with pytest.raises(ValueError, match="fkl, rkl, jsd, topk_jsd"):
+        divergence(student, teacher, "kl")
+    for beta in (0.0, 1.0):
+        with pytest.raises(ValueError, match="beta"):
+            divergence(student, teacher, "jsd", beta=beta)
+    with pytest.raises(ValueError, match="top_k"):
+        divergence(student, teacher, "topk_jsd")
+    with pytest.raises(ValueError, match="stop_grad_weights"):
+        divergence(student, teacher, "fkl", stop_grad_weights=True)
+    with pytest.raises(ValueError, match="must match"):
+        divergence(student, teacher[..., :-1], "fkl")
+
+
+def test_no_grad_and_second_backward():
+    student, teacher = random_logits(21), random_logits(22)
+    with torch.no_grad():
+        no_grad_values = divergence(student.requires_grad_(), teacher, "jsd", chunk_size=CHUNK)
+    values = divergence(student, teacher, "jsd", chunk_size=CHUNK)
+    torch.testing.assert_close(values.detach(), no_grad_values)
+    values.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        values.sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# token_logprobs, entropy, masked_mean
+
+def test_token_logprobs():
+    logits = random_logits(23)
+    token_ids = torch.randint(0, V, SHAPE[:-1], generator=torch.Generator().manual_seed(0))
+    assert_matches_reference(
+        lambda z: token_logprobs(z, token_ids, temperature=0.7, chunk_size=CHUNK),
+        lambda z: torch.log_softmax(z / 0.7, -1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1),
+        logits,
+    )
+
+
+def test_entropy():
+    logits = random_logits(24)
+    p = torch.softmax(logits.double() / 1.3, -1)
+    reference = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(entropy(logits, temperature=1.3, chunk_size=CHUNK), reference.float())
+    assert not entropy(logits.requires_grad_()).requires_grad
+
+
+def test_masked_mean_ignores_masked_garbage():
+    values = torch.tensor([[1.0, 3.0, float("nan")], [5.0, float("inf"), 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(values, mask).item() == pytest.approx(3.0)
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------
+# sampled_token_loss
+
+def test_sampled_token_loss_at_ratio_one_is_policy_gradient():
+    logits = random_logits(25)
+    gen = torch.Generator().manual_seed(1)
+    token_ids = torch.randint(0, V, SHAPE[:-1], generator=gen)
+    teacher_logprobs = -torch.rand(SHAPE[:-1], generator=gen) * 8
+    mask = (torch.rand(SHAPE[:-1], generator=gen) > 0.3).float()
+    logits.requires_grad_()
+    new_logprobs = token_logprobs(logits, token_ids, chunk_size=CHUNK)
+    old_logprobs = new_logprobs.detach()
+    loss, stats = sampled_token_loss(new_logprobs, old_logprobs, teacher_logprobs, mask)
+    (grad,) = torch.autograd.grad(loss, logits)
+    # by hand: A = -clamp(old - teacher); d log pi(y)/d z = onehot(y) - softmax(z);
+    # grad = -(1 / num_tokens) sum_t mask_t A_t (onehot - softmax)
+    advantage = -(old_logprobs - teacher_logprobs).clamp(-10, 10)
+    dlogp = torch.nn.functional.one_hot(token_ids, V) - torch.softmax(logits.detach(), -1)
+    expected = -(mask * advantage / mask.sum()).unsqueeze(-1) * dlogp
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(loss, -(mask * advantage).sum() / mask.sum())
+    assert stats["clip_frac"] == 0.0
+    assert stats["log_ratio"] == pytest.approx(((old_logprobs - teacher_logprobs) * mask).sum().item() / mask.sum().item(), rel=1e-5)
+
+
+def test_sampled_token_loss_clipping():
+    old = torch.full((1, 4), -1.0)
+    # A = teacher - old:   +1      -1      +1      -1
+    teacher = old + torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    # ratio:               1.5     0.5     0.5     1.5
+    new = (old + torch.tensor([[1.5, 0.5, 0.5, 1.5]]).log()).requires_grad_()
+    loss, stats = sampled_token_loss(new, old, teacher, torch.ones(1, 4))
+    (grad,) = torch.autograd.grad(loss, new)
+    # tokens 0, 1: the ratio is out of range in the direction the advantage pushes -> no gradient;
+    # tokens 2, 3: unclipped branch -> d(-r A / n)/d new = -r A / n
+    expected = torch.tensor([[0.0, 0.0, -0.5 * 1.0 / 4, -1.5 * -1.0 / 4]])
+    torch.testing.assert_close(grad, expected)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+
+
+def test_sampled_token_loss_clamps_the_log_ratio():
+    old = torch.tensor([[-0.1, -0.1]])
+    teacher = torch.tensor([[-50.1, 30.0]])  # d = 50 and -30.1
+    loss, stats = sampled_token_loss(old.clone(), old, teacher, torch.ones(1, 2))
+    assert loss.item() == pytest.approx((10 - 10) / 2)  # -(A_0 + A_1)/2 with A = -(+10), -(-10)
+    loss, stats = sampled_token_loss(old[:, :1].clone(), old[:, :1], teacher[:, :1], torch.ones(1, 1))
+    assert loss.item() == pytest.approx(10.0)  # -A = clamp(50) = 10
+    assert stats["log_ratio"] == pytest.approx(50.0)  # logged unclamped
+
+
+def test_sampled_token_loss_ignores_masked_tokens():
+    gen = torch.Generator().manual_seed(2)
+    old, teacher = -torch.rand(2, 5, generator=gen), -torch.rand(2, 5, generator=gen) * 3
+    new = (old + 0.1 * torch.randn(2, 5, generator=gen)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).float()
+    loss, stats = sampled_token_loss(new, old, teacher, mask)
+    (grad,) = torch.autograd.grad(loss, new)
+    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] != 0).all()
+    # garbage at masked positions changes nothing
+    garbage_teacher = teacher.masked_fill(mask == 0, float("-inf"))
+    garbage_teacher[1, 4] = float("nan")
+    garbage_new = new.detach().masked_fill(mask == 0, 30.0).requires_grad_()
+    loss2, stats2 = sampled_token_loss(garbage_new, old, garbage_teacher, mask)
+    (grad2,) = torch.autograd.grad(loss2, garbage_new)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(grad2, grad)
+    assert stats2 == stats

@@ -1,0 +1,41 @@
+"""The embedded tiny Qwen3-VL: real transformers classes, special-token ids, save and load by path."""
+import pytest
+import torch
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+from data import collate, eval_world, model_inputs, student_messages
+from model import load_model, num_parameters
+
+
+def test_tiny_is_the_real_qwen3_vl_with_consistent_token_ids(tiny):
+    model, processor = tiny
+    assert type(model) is Qwen3VLForConditionalGeneration and type(processor) is Qwen3VLProcessor
+    tokenizer, config = processor.tokenizer, model.config
+    for name, token in [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]:
+        assert getattr(config, name) == tokenizer.convert_tokens_to_ids(token) == getattr(processor, name)
+    assert config.text_config.vocab_size == len(tokenizer)
+    assert config.vision_config.deepstack_visual_indexes == [0]
+    assert 1e6 < num_parameters(model) < 5e6
+    large, _ = load_model("tiny-large")
+    assert num_parameters(large) > 2 * num_parameters(model)
+
+
+def test_save_pretrained_round_trip_by_path(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(str(tmp_path))
+    samples = eval_world(3)
+    batch = collate(processor, [student_messages(s) for s in samples])
+    again = collate(loaded_processor, [student_messages(s) for s in samples])
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
+    with torch.no_grad():
+        assert torch.equal(model(**model_inputs(batch)).logits, loaded.eval()(**model_inputs(again)).logits)
+
+
+def test_a_missing_checkpoint_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError):
+        load_model("./tiny-huge")

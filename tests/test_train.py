@@ -1,0 +1,111 @@
+"""The command line, a short real run of train.py, checkpoints and resume."""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from data import collate, eval_world, model_inputs, student_messages
+from evaluate import evaluate
+from model import load_model
+
+
+def test_cli_overrides_are_typed_and_checked():
+    config = train.parse_args(["--lr=0.5", "--max_steps=7", "--resume=true", "--out_dir=x"])
+    assert (config.lr, config.max_steps, config.resume, config.out_dir) == (0.5, 7, True, "x")
+    assert train.parse_args(["--preset=smoke", "--max_steps=3"]).max_steps == 3       # command line wins
+    assert train.parse_args(["--max_steps=3", "--preset=smoke"]).max_steps == 3       # in either order
+    assert train.parse_args(["--preset=smoke"]).num_train == train.PRESETS["smoke"]["num_train"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr=fast"], "--lr expects a float, got 'fast'"),
+    (["--max_steps=1.5"], "--max_steps expects a int"),
+    (["--resume=maybe"], "--resume expects a bool"),
+    (["--learning_rate=1"], "unknown config key 'learning_rate'; known keys: "),
+    (["--preset=huge"], "unknown preset 'huge'"),
+    (["max_steps=3"], "expected --key=value"),
+])
+def test_cli_errors_speak_to_the_user(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        train.parse_args(argv)
+    assert message in str(error.value)
+    if "unknown config key" in message:
+        assert "max_steps" in str(error.value) and "batch_size" in str(error.value)
+
+
+def test_learning_rate_schedule():
+    config = train.Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert train.learning_rate(0, config) == pytest.approx(0.1)
+    assert train.learning_rate(9, config) == pytest.approx(1.0)
+    assert train.learning_rate(10, config) == pytest.approx(1.0)
+    assert train.learning_rate(60, config) == pytest.approx(0.55)
+    assert train.learning_rate(110, config) == pytest.approx(0.1)
+
+
+SHORT_RUN = ["--max_steps=40", "--num_train=300", "--num_eval=14", "--batch_size=8", "--warmup_steps=5",
+             "--save_every=20", "--max_new_tokens=24", "--lr=2e-3"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    train.main(SHORT_RUN + [f"--out_dir={out_dir}"])
+    return out_dir
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_short_run_lowers_the_loss_and_writes_its_record(short_run):
+    losses = [r["loss"] for r in read_log(short_run) if "loss" in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    for name in ("config.json", "eval.json", "report.md", "predictions.jsonl", "ckpt/train_state.pt"):
+        assert os.path.exists(os.path.join(short_run, name)), name
+    results = json.load(open(os.path.join(short_run, "eval.json")))
+    assert {"per_family", "in_domain_avg", "ood_avg", "overall", "baseline"} <= set(results)
+    assert json.load(open(os.path.join(short_run, "config.json")))["max_steps"] == 40
+
+
+def test_checkpoint_round_trip_gives_the_same_model(short_run):
+    model, processor = load_model(os.path.join(short_run, "ckpt"))
+    samples = eval_world(14)
+    predictions = [r["prediction"] for r in evaluate(model, processor, samples, max_new_tokens=24,
+                                                     progress=False)["records"]]
+    saved = [json.loads(line)["prediction"] for line in open(os.path.join(short_run, "predictions.jsonl"))]
+    assert predictions == saved
+    assert not os.path.exists(os.path.join(short_run, "ckpt.tmp"))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_gives_the_same_steps_as_a_run_that_never_stopped(tmp_path, monkeypatch):
+    """Crash a run right after its step-20 checkpoint, resume it: steps 21..40 match the unbroken run."""
+    common = [a for a in SHORT_RUN if not a.startswith("--max_steps")] + ["--max_steps=40", "--num_eval=7"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train.main(common + [f"--out_dir={full}"])
+    save = train.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise Crash()
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train.main(common + [f"--out_dir={broken}"])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(common + [f"--out_dir={broken}", "--resume=true"])
+    full_log = [r for r in read_log(full) if "loss" in r]
+    broken_log = [r for r in read_log(broken) if "loss" in r]
+    assert [r["step"] for r in broken_log] == list(range(1, 21)) + list(range(21, 41))
+    assert [r["loss"] for r in broken_log[20:]] == pytest.approx([r["loss"] for r in full_log[20:]], rel=1e-5)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--resume=true but .* does not exist"):
+        train.main(["--resume=true", f"--out_dir={tmp_path}"])

@@ -1,0 +1,330 @@
+"""Training: config + CLI, manual data parallel, the loop, checkpoints, logs and the report.
+
+    python train.py                                  # the embedded default: SFT, then evaluation
+    python train.py --max_steps=50 --out_dir=out/x   # any Config field as --key=value
+    torchrun --nproc_per_node=2 train.py             # data parallel (gloo on CPU, nccl on GPU)
+
+A run writes into out_dir: config.json, log.jsonl (one line of metrics per step),
+ckpt/ (model + processor, save_pretrained; training state in ckpt/train_state.pt),
+eval.json and report.md.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages
+from distill import teacher_messages
+from evaluate import evaluate, format_table
+from model import load_model, num_parameters
+
+
+@dataclass
+class Config:
+    mode: str = "sft"                # sft (later: opd, opsd, vicur, ptdpo)
+    student: str = "tiny"            # 'tiny', 'tiny-large', a transformers id or a local checkpoint directory
+    init_from: str = ""              # start from this checkpoint directory instead of `student`
+    data: str = ""                   # a JSONL file (data.py format); empty = the embedded world
+    skip_bad: bool = False           # skip and count bad JSONL lines instead of stopping
+    num_train: int = 8000            # embedded world: training samples (in-domain families)
+    num_eval: int = 350              # embedded world: evaluation samples (all seven families)
+    out_dir: str = "out/default"
+    max_steps: int = 1500
+    batch_size: int = 32             # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1        # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0              # 0: evaluate only at the end
+    save_every: int = 500
+    resume: bool = False             # continue from out_dir/ckpt
+    max_length: int = 512            # longest prompt + completion, in tokens
+    max_new_tokens: int = 48         # evaluation and rollouts
+    eval_batch_size: int = 64
+    # SFT: the share of samples shown with privileged context, and of scene descriptions
+    sft_cue_frac: float = 0.25
+    sft_answer_frac: float = 0.1
+    sft_describe_frac: float = 0.25
+    device: str = "cpu"
+    dtype: str = "float32"           # float32 or bfloat16 (weights)
+
+
+PRESETS = {
+    # name: overrides; a preset is a plain dict applied before the command line
+    "smoke": {"max_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
+}
+
+
+def parse_args(argv):
+    """--key=value overrides of Config, types checked; --preset=NAME applies a dict of overrides first."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: expected --key=value, got '{arg}'")
+        key, value = arg[2:].split("=", 1)
+        if key == "preset":
+            if value not in PRESETS:
+                raise SystemExit(f"error: unknown preset '{value}'; known: {sorted(PRESETS)}")
+            overrides = {**PRESETS[value], **overrides}
+            continue
+        if key not in fields:
+            raise SystemExit(f"error: unknown config key '{key}'; known keys: {', '.join(sorted(fields))}")
+        kind = type(fields[key].default)
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                overrides[key] = value.lower() in ("true", "1")
+            else:
+                overrides[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"error: --{key} expects a {kind.__name__}, got '{value}'") from None
+    return Config(**overrides)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed(config):
+    """(rank, world_size) from torchrun's environment; world size 1 without it."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        config.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(config.device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_gradients(model, world_size):
+    """Average gradients across ranks: one flat buffer, one all_reduce."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(value, world_size):
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / world_size
+
+
+# ----------------------------------------------------------------------------- data
+
+def training_samples(config, rank):
+    """The training set (the embedded world or the user's JSONL) and the evaluation set."""
+    if config.data:
+        samples, skipped = load_jsonl(config.data, skip_bad=config.skip_bad)
+        if rank == 0:
+            print(f"data: {len(samples)} samples from {config.data}" + (f", {skipped} bad lines skipped" if skipped else ""))
+        return samples, samples[: config.num_eval]
+    return make_world(config.num_train, seed=config.seed), eval_world(config.num_eval, seed=config.seed)
+
+
+def sft_example(sample, rng, config):
+    """(chat, target text): the plain prompt mostly, sometimes with the cue or answer hint in context,
+    so that the model learns to read privilege when it is there (later teachers need that)."""
+    draw = rng.random()
+    if draw < config.sft_cue_frac and sample.cue:
+        chat = teacher_messages(sample, "cues")
+    elif draw < config.sft_cue_frac + config.sft_answer_frac:
+        chat = teacher_messages(sample, "answer")
+    else:
+        chat = student_messages(sample)
+    return chat, sample.rationale or sample.answer
+
+
+def sft_batch(samples, step, rank, world_size, config, processor):
+    """This rank's micro-batch for a step: a seeded draw shared by all ranks, sliced by rank."""
+    rng = random.Random(config.seed * 1_000_003 + step)
+    global_size = config.batch_size * world_size
+    indices = [rng.randrange(len(samples)) for _ in range(global_size)][rank::world_size]
+    examples = []
+    for i, index in enumerate(indices):
+        if rng.random() < config.sft_describe_frac:
+            sample = describe_sample(rng, step * global_size + i, config.seed)
+            examples.append((student_messages(sample), sample.rationale))
+        else:
+            examples.append(sft_example(samples[index], rng, config))
+    chats, targets = zip(*examples)
+    return collate(processor, list(chats), [completion_token_ids(processor, t) for t in targets],
+                   max_length=config.max_length)
+
+
+def sft_loss(model, batch):
+    """Cross-entropy on completion tokens: L = -mean_t log p(y_t | y_<t, x)."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = model(**inputs).logits[:, :-1].float()                     # (B, L-1, V)
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    accuracy = (logits[mask].argmax(-1) == targets[mask]).float().mean().item()
+    return loss, {"token_acc": accuracy, "tokens": int(mask.sum())}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(model, processor, optimizer, step, config):
+    """Write out_dir/ckpt atomically: into a temporary folder, then rename over the old one."""
+    final = os.path.join(config.out_dir, "ckpt")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(config),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+               os.path.join(tmp, "train_state.pt"))
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_train_state(config, optimizer):
+    state = torch.load(os.path.join(config.out_dir, "ckpt", "train_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["step"]
+
+
+def learning_rate(step, config):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_evaluation(model, processor, eval_samples, config, privileged=True):
+    """The student's table (image + question only), and, as a labelled diagnostic, the same
+    model with the cue hint in its context."""
+    columns = {"student (image + question)": evaluate(model, processor, eval_samples, config.eval_batch_size,
+                                                      config.max_new_tokens)}
+    if privileged and any(s.cue for s in eval_samples):
+        columns["diagnostic: + cue hint"] = evaluate(model, processor, eval_samples, config.eval_batch_size,
+                                                     config.max_new_tokens,
+                                                     messages_fn=lambda s: teacher_messages(s, "cues"))
+    return columns
+
+
+def main(argv):
+    config = parse_args(argv)
+    if config.mode != "sft":
+        raise SystemExit(f"error: --mode={config.mode} is not implemented yet; available: sft")
+    rank, world_size = init_distributed(config)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    start_time = time.time()
+
+    resume_dir = os.path.join(config.out_dir, "ckpt")
+    if config.resume and not os.path.isdir(resume_dir):
+        raise SystemExit(f"error: --resume=true but {resume_dir} does not exist")
+    source = resume_dir if config.resume else (config.init_from or config.student)
+    model, processor = load_model(source, dtype=getattr(torch, config.dtype), seed=config.seed, device=config.device)
+    samples, eval_samples = training_samples(config, rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    step = load_train_state(config, optimizer) if config.resume else 0
+
+    if rank == 0:
+        os.makedirs(config.out_dir, exist_ok=True)
+        with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+        print(f"{config.mode}: student {source} ({num_parameters(model) / 1e6:.2f} M parameters), "
+              f"{len(samples)} training samples, world size {world_size}, out_dir {config.out_dir}")
+    log_file = open(os.path.join(config.out_dir, "log.jsonl"), "a") if rank == 0 else None
+
+    model.train()
+    progress = tqdm(range(step, config.max_steps), initial=step, total=config.max_steps, disable=rank != 0,
+                    desc=config.mode)
+    for step in progress:
+        step_start = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        metrics = {"loss": 0.0, "token_acc": 0.0}
+        for micro in range(config.grad_accum):
+            batch = sft_batch(samples, step * config.grad_accum + micro, rank, world_size, config, processor)
+            batch = {k: v.to(config.device) for k, v in batch.items()}
+            loss, stats = sft_loss(model, batch)
+            (loss / config.grad_accum).backward()
+            metrics["loss"] += loss.item() / config.grad_accum
+            metrics["token_acc"] += stats["token_acc"] / config.grad_accum
+        all_reduce_gradients(model, world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {k: all_reduce_mean(v, world_size) for k, v in metrics.items()}
+        if rank == 0:
+            record = {"step": step + 1, **metrics, "grad_norm": grad_norm, "lr": learning_rate(step, config),
+                      "step_time": time.time() - step_start}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_acc']:.2f}")
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
+                results = evaluate(model, processor, eval_samples, config.eval_batch_size, config.max_new_tokens)
+                log_file.write(json.dumps({"step": step + 1, "eval_in_domain_avg": results["in_domain_avg"],
+                                           "eval_ood_avg": results["ood_avg"]}) + "\n")
+                model.train()
+            if (step + 1) % config.save_every == 0:
+                save_checkpoint(model, processor, optimizer, step + 1, config)
+    train_time = time.time() - start_time
+
+    if rank == 0:
+        save_checkpoint(model, processor, optimizer, config.max_steps, config)
+        columns = run_evaluation(model, processor, eval_samples, config)
+        table = format_table(columns)
+        student = columns["student (image + question)"]
+        print(table)
+        with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
+            json.dump({**{k: v for k, v in student.items() if k != "records"},
+                       "diagnostics": {name: {k: v for k, v in r.items() if k not in ("records", "baseline")}
+                                       for name, r in columns.items() if name.startswith("diagnostic")}},
+                      f, indent=2)
+        with open(os.path.join(config.out_dir, "predictions.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in student["records"])
+        total_time = time.time() - start_time
+        with open(os.path.join(config.out_dir, "report.md"), "w") as f:
+            f.write(f"# vicur run: {config.mode}\n\nstudent: {source}, {num_parameters(model) / 1e6:.2f} M parameters; "
+                    f"{config.max_steps} steps x {config.batch_size * config.grad_accum * world_size} samples; "
+                    f"world size {world_size}\n\ntraining {train_time / 60:.1f} min, total {total_time / 60:.1f} min\n\n"
+                    f"## Evaluation (accuracy, %)\n\n{table}\n\nThe diagnostic column gives the same model the "
+                    f"cue hint in its prompt; it is never a student number.\n")
+        print(f"done in {total_time / 60:.1f} min; wrote {config.out_dir}/report.md, eval.json, ckpt/")
+        log_file.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
