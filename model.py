@@ -33,6 +33,7 @@ TINY_SIZES = {
     # name: (text hidden, text layers, text heads, vision hidden, vision layers)
     "tiny": (128, 4, 4, 64, 2),
     "tiny-large": (192, 6, 6, 96, 2),
+    "tiny-v128": (128, 4, 4, 128, 2),
 }
 
 
@@ -77,6 +78,20 @@ def tiny_config(name, tokenizer):
     )
 
 
+def patch_embed_as_matmul(model):
+    """Qwen3-VL embeds each 2x16x16 patch with a Conv3d whose kernel equals its stride, which is one
+    matmul. On CPU, Conv3d's backward is many times slower than that matmul (a fifth of a tiny SFT
+    step), so the same weights are applied with F.linear; parameters and checkpoints are unchanged."""
+    embed = model.model.visual.patch_embed
+
+    def forward(hidden_states):
+        weight = embed.proj.weight.view(embed.embed_dim, -1)           # (D, C * T * P * P)
+        return torch.nn.functional.linear(hidden_states.view(-1, weight.shape[1]).to(weight.dtype),
+                                          weight, embed.proj.bias)
+    embed.forward = forward
+    return model
+
+
 def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
     """(model, processor). 'tiny' / 'tiny-large' build the embedded model with random weights
     (seeded); anything else goes to transformers' from_pretrained (a hub id or a local directory)."""
@@ -92,7 +107,7 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model.to(device), processor
+    return patch_embed_as_matmul(model).to(device), processor
 
 
 def num_parameters(model):

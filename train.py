@@ -9,6 +9,7 @@ ckpt/ (model + processor, save_pretrained; training state in ckpt/train_state.pt
 eval.json and report.md.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -17,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,14 +27,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages
-from distill import teacher_messages
-from evaluate import evaluate, format_table
+from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, privilege_gap,
+                     rollout_completions, scoring_batch, teacher_logits, teacher_messages)
+from evaluate import evaluate, format_table, score
 from model import load_model, num_parameters
+from rollout import sample
 
 
 @dataclass
 class Config:
-    mode: str = "sft"                # sft (later: opd, opsd, vicur, ptdpo)
+    mode: str = "sft"                # sft | opd (stronger teacher) | opsd (self teacher + answer hint)
     student: str = "tiny"            # 'tiny', 'tiny-large', a transformers id or a local checkpoint directory
     init_from: str = ""              # start from this checkpoint directory instead of `student`
     data: str = ""                   # a JSONL file (data.py format); empty = the embedded world
@@ -55,11 +59,22 @@ class Config:
     max_length: int = 512            # longest prompt + completion, in tokens
     max_new_tokens: int = 48         # evaluation and rollouts
     eval_batch_size: int = 64
+    # on-policy distillation
+    teacher: str = "self"            # 'self' (a frozen copy of the starting student) or a model name / checkpoint
+    privilege: str = ""              # none | answer | rationale | cues | cues+crops; empty = the mode's default
+    loss: str = "sampled_rkl"        # sampled_rkl (the paper's) | fkl | rkl | jsd | topk_jsd
+    beta: float = 0.5                # jsd / topk_jsd mixture weight
+    top_k: int = 100                 # topk_jsd: the student's top-K tokens
+    num_rollouts: int = 1            # completions per prompt
+    temperature: float = 1.0         # sampling temperature of the rollouts
+    ppo_epochs: int = 1              # updates per batch of rollouts (ratio = 1 on the first)
+    clip_eps: float = 0.2
     # SFT: the share of samples shown with privileged context, and of scene descriptions
     sft_cue_frac: float = 0.25
     sft_answer_frac: float = 0.1
     sft_describe_frac: float = 0.25
     device: str = "cpu"
+    threads: int = 0                 # CPU threads per rank; 0 = all cores shared among the ranks
     dtype: str = "float32"           # float32 or bfloat16 (weights)
 
 
@@ -98,6 +113,10 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------- distributed
+
+MODE_PRIVILEGE = {"opd": "none", "opsd": "answer"}
+DISTILL_MODES = list(MODE_PRIVILEGE)
+
 
 def init_distributed(config):
     """(rank, world_size) from torchrun's environment; world size 1 without it."""
@@ -158,19 +177,24 @@ def sft_example(sample, rng, config):
     return chat, sample.rationale or sample.answer
 
 
+def step_rng(config, step):
+    """The data draw of a step: the same on every rank, so ranks slice one global batch."""
+    return random.Random(config.seed * 1_000_003 + step)
+
+
 def sft_batch(samples, step, rank, world_size, config, processor):
-    """This rank's micro-batch for a step: a seeded draw shared by all ranks, sliced by rank."""
-    rng = random.Random(config.seed * 1_000_003 + step)
+    """This rank's micro-batch: the global batch is drawn from a seeded RNG, then sliced by rank."""
+    rng = step_rng(config, step)
     global_size = config.batch_size * world_size
-    indices = [rng.randrange(len(samples)) for _ in range(global_size)][rank::world_size]
     examples = []
-    for i, index in enumerate(indices):
+    for i in range(global_size):
+        index = rng.randrange(len(samples))
         if rng.random() < config.sft_describe_frac:
             sample = describe_sample(rng, step * global_size + i, config.seed)
             examples.append((student_messages(sample), sample.rationale))
         else:
             examples.append(sft_example(samples[index], rng, config))
-    chats, targets = zip(*examples)
+    chats, targets = zip(*examples[rank::world_size])
     return collate(processor, list(chats), [completion_token_ids(processor, t) for t in targets],
                    max_length=config.max_length)
 
@@ -183,7 +207,110 @@ def sft_loss(model, batch):
     mask = batch["completion_mask"][:, 1:].bool()
     loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
     accuracy = (logits[mask].argmax(-1) == targets[mask]).float().mean().item()
-    return loss, {"token_acc": accuracy, "tokens": int(mask.sum())}
+    return loss, {"token_acc": accuracy}
+
+
+def sft_step(model, processor, samples, step, rank, world_size, config, times):
+    """Forward/backward of one optimizer step's micro-batches; returns the metrics."""
+    metrics = {"loss": 0.0, "token_acc": 0.0}
+    for micro in range(config.grad_accum):
+        with timed(times, "data"):
+            batch = sft_batch(samples, step * config.grad_accum + micro, rank, world_size, config, processor)
+            batch = {k: v.to(config.device) for k, v in batch.items()}
+        with timed(times, "student"):
+            loss, stats = sft_loss(model, batch)
+            (loss / config.grad_accum).backward()
+        metrics["loss"] += loss.item() / config.grad_accum
+        metrics["token_acc"] += stats["token_acc"] / config.grad_accum
+    return metrics
+
+
+@contextmanager
+def timed(times, name):
+    """Add the wall time of a block to times[name] (seconds)."""
+    start = time.time()
+    yield
+    times[name] = times.get(name, 0.0) + time.time() - start
+
+
+# ----------------------------------------------------------------------------- on-policy distillation
+
+def load_teacher(config, student, processor):
+    """'self': a frozen copy of the student as it starts (never trained); else a stronger model."""
+    if config.teacher == "self":
+        teacher = copy.deepcopy(student)
+    else:
+        teacher, teacher_processor = load_model(config.teacher, dtype=getattr(torch, config.dtype),
+                                                device=config.device)
+        check_same_tokenizer(processor, teacher_processor, config.teacher)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def distill_step(student, teacher, optimizer, processor, samples, step, rank, world_size, config, times):
+    """One optimizer step of on-policy distillation (the student samples, the teacher scores the same
+    tokens under its own context, the student moves toward it token by token); returns the metrics."""
+    privilege = config.privilege or MODE_PRIVILEGE[config.mode]
+    rollouts = []
+    for micro in range(config.grad_accum):
+        rng = step_rng(config, step * config.grad_accum + micro)
+        prompts = [samples[rng.randrange(len(samples))] for _ in range(config.batch_size * world_size)][rank::world_size]
+        rows = [s for s in prompts for _ in range(config.num_rollouts)]
+        with timed(times, "sample"):
+            generator = torch.Generator(device=config.device).manual_seed(rng.randrange(2**62) + rank)
+            prompt = collate(processor, [student_messages(s) for s in prompts], max_length=config.max_length)
+            rollout = sample(student, processor, {k: v.to(config.device) for k, v in prompt.items()},
+                             n=config.num_rollouts, temperature=config.temperature,
+                             max_new_tokens=config.max_new_tokens, generator=generator)
+            completions = rollout_completions(rollout)
+        with timed(times, "teacher"):
+            scored = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length)
+            gap = 0.0
+            if privilege != "none":
+                plain = teacher_logits(teacher, processor, rows, "none", completions, config.max_length)
+                gap = privilege_gap(scored, plain)
+        student_batch = scoring_batch(processor, [student_messages(s) for s in rows], completions, config.max_length)
+        rollouts.append((rows, rollout, scored, gap, {k: v.to(config.device) for k, v in student_batch.items()}))
+
+    metrics = {}
+    def add(name, value):
+        metrics[name] = metrics.get(name, 0.0) + value / config.grad_accum
+
+    for epoch in range(config.ppo_epochs):
+        for rows, rollout, scored, gap, student_batch in rollouts:
+            with timed(times, "student"):
+                student_logits, tokens = completion_logits(student, student_batch)
+                old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
+                loss, stats = distill_loss(student_logits, tokens, old_logprobs, scored, config.loss,
+                                           beta=config.beta, top_k=config.top_k, temperature=config.temperature,
+                                           clip_eps=config.clip_eps)
+                (loss / config.grad_accum).backward()
+            if epoch == 0:
+                add("loss", loss.item())
+                add("log_ratio", stats["log_ratio"])
+                add("clip_frac", stats["clip_frac"])
+                add("student_entropy", entropy(student_logits.detach()).mean().item())
+                add("teacher_entropy", entropy(scored).mean().item())
+                add("rollout_length", rollout.lengths.float().mean().item())
+                add("reward", sum(score(t, s.answer) for t, s in zip(rollout.texts, rows)) / len(rows))
+                add("privilege_gap", gap)
+                add("hint_leakage", hint_leakage(rows, rollout.texts, privilege))
+        if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
+            optimizer_step(student, optimizer, config, times, world_size)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+
+def optimizer_step(model, optimizer, config, times, world_size):
+    """Average gradients across ranks (explicit all_reduce), clip, step, zero."""
+    with timed(times, "communication"):
+        all_reduce_gradients(model, world_size)
+    with timed(times, "optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -224,10 +351,13 @@ def learning_rate(step, config):
 
 # ----------------------------------------------------------------------------- main
 
+STUDENT = "student (image + question)"
+
+
 def run_evaluation(model, processor, eval_samples, config, privileged=True):
     """The student's table (image + question only), and, as a labelled diagnostic, the same
     model with the cue hint in its context."""
-    columns = {"student (image + question)": evaluate(model, processor, eval_samples, config.eval_batch_size,
+    columns = {STUDENT: evaluate(model, processor, eval_samples, config.eval_batch_size,
                                                       config.max_new_tokens)}
     if privileged and any(s.cue for s in eval_samples):
         columns["diagnostic: + cue hint"] = evaluate(model, processor, eval_samples, config.eval_batch_size,
@@ -236,15 +366,19 @@ def run_evaluation(model, processor, eval_samples, config, privileged=True):
     return columns
 
 
+def strip_records(results):
+    return {k: v for k, v in results.items() if k != "records"}
+
+
 def main(argv):
     config = parse_args(argv)
-    if config.mode != "sft":
-        raise SystemExit(f"error: --mode={config.mode} is not implemented yet; available: sft")
+    if config.mode not in ["sft"] + DISTILL_MODES:
+        raise SystemExit(f"error: unknown --mode={config.mode}; available: {['sft'] + DISTILL_MODES}")
     rank, world_size = init_distributed(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
     start_time = time.time()
 
     resume_dir = os.path.join(config.out_dir, "ckpt")
@@ -265,32 +399,37 @@ def main(argv):
               f"{len(samples)} training samples, world size {world_size}, out_dir {config.out_dir}")
     log_file = open(os.path.join(config.out_dir, "log.jsonl"), "a") if rank == 0 else None
 
+    teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
+    if rank == 0 and teacher is not None:
+        privilege = config.privilege or MODE_PRIVILEGE[config.mode]
+        print(f"teacher: {config.teacher} ({num_parameters(teacher) / 1e6:.2f} M parameters), privilege "
+              f"'{privilege}', loss {config.loss}")
+        if not config.resume:
+            before = run_evaluation(model, processor, eval_samples, config, privileged=False)
+            print("before distillation:\n" + format_table(before))
+            with open(os.path.join(config.out_dir, "eval_before.json"), "w") as f:
+                json.dump(strip_records(before[STUDENT]), f, indent=2)
+
     model.train()
     progress = tqdm(range(step, config.max_steps), initial=step, total=config.max_steps, disable=rank != 0,
                     desc=config.mode)
     for step in progress:
-        step_start = time.time()
+        step_start, times = time.time(), {}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        metrics = {"loss": 0.0, "token_acc": 0.0}
-        for micro in range(config.grad_accum):
-            batch = sft_batch(samples, step * config.grad_accum + micro, rank, world_size, config, processor)
-            batch = {k: v.to(config.device) for k, v in batch.items()}
-            loss, stats = sft_loss(model, batch)
-            (loss / config.grad_accum).backward()
-            metrics["loss"] += loss.item() / config.grad_accum
-            metrics["token_acc"] += stats["token_acc"] / config.grad_accum
-        all_reduce_gradients(model, world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if teacher is None:
+            metrics = sft_step(model, processor, samples, step, rank, world_size, config, times)
+        else:
+            metrics = distill_step(model, teacher, optimizer, processor, samples, step, rank, world_size, config, times)
+        grad_norm = optimizer_step(model, optimizer, config, times, world_size)
         metrics = {k: all_reduce_mean(v, world_size) for k, v in metrics.items()}
         if rank == 0:
             record = {"step": step + 1, **metrics, "grad_norm": grad_norm, "lr": learning_rate(step, config),
-                      "step_time": time.time() - step_start}
+                      "step_time": time.time() - step_start, **{f"time_{k}": v for k, v in times.items()}}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_acc']:.2f}")
+            progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "token_acc", "log_ratio", "reward")
+                                  if k in metrics})
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
                 results = evaluate(model, processor, eval_samples, config.eval_batch_size, config.max_new_tokens)
                 log_file.write(json.dumps({"step": step + 1, "eval_in_domain_avg": results["in_domain_avg"],
@@ -304,12 +443,11 @@ def main(argv):
         save_checkpoint(model, processor, optimizer, config.max_steps, config)
         columns = run_evaluation(model, processor, eval_samples, config)
         table = format_table(columns)
-        student = columns["student (image + question)"]
+        student = columns[STUDENT]
         print(table)
         with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
-            json.dump({**{k: v for k, v in student.items() if k != "records"},
-                       "diagnostics": {name: {k: v for k, v in r.items() if k not in ("records", "baseline")}
-                                       for name, r in columns.items() if name.startswith("diagnostic")}},
+            json.dump({**strip_records(student),
+                       "diagnostics": {name: strip_records(r) for name, r in columns.items() if name != STUDENT}},
                       f, indent=2)
         with open(os.path.join(config.out_dir, "predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in student["records"])

@@ -1,6 +1,6 @@
 """Divergences, token log-probs, entropy and the sampled-token loss, each checked against a
 plain full-materialisation float64 reference written here."""
-from distill_divergence import divergence, entropy, masked_mean, sampled_token_loss, token_logprobs
+from distill import divergence, entropy, masked_mean, sampled_token_loss, token_logprobs
 
 import pytest
 import torch
@@ -186,6 +186,28 @@ def test_bf16_logits(kind):
     student.requires_grad_()
     (grad,) = torch.autograd.grad(divergence(student, teacher, kind, chunk_size=CHUNK, **kind_kwargs(kind)).sum(), student)
     assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_size_does_not_change_the_result(kind):
+    student, teacher = random_logits(26), random_logits(27)
+    results = [value_and_grad(lambda s: divergence(s, teacher, kind, chunk_size=chunk_size, **kind_kwargs(kind)), student)
+               for chunk_size in (1, 5, 21, 1000, None)]
+    for values, grad in results[1:]:
+        torch.testing.assert_close(values, results[0][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "topk_jsd"])
+def test_teacher_with_masked_ids(kind):
+    """-inf teacher logits (ids the teacher masks) give p_T = 0 there and finite values."""
+    student, teacher = random_logits(28), random_logits(29)
+    teacher[..., ::3] = float("-inf")
+    assert_matches_reference(
+        lambda s: divergence(s, teacher, kind, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, ref_teacher_probs(teacher), kind, **kind_kwargs(kind)),
+        student,
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -39,3 +39,11 @@ def test_a_missing_checkpoint_directory_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError):
         load_model("./tiny-huge")
+
+
+def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
+    model, _ = tiny
+    embed = model.model.visual.patch_embed
+    patches = torch.randn(40, 3 * 2 * 16 * 16)
+    conv = embed.proj(patches.view(-1, 3, 2, 16, 16)).view(-1, embed.embed_dim)
+    assert torch.allclose(embed(patches), conv, atol=1e-5)

@@ -1,0 +1,90 @@
+"""Teacher prompts, teacher scoring aligned by completion mask, the distillation loss and diagnostics."""
+import torch
+import pytest
+
+from data import collate, eval_world, make_world, student_messages
+from distill import (PRIVILEGES, completion_logits, distill_loss, hint_leakage, privilege_gap, rollout_completions,
+                     scoring_batch, teacher_logits, teacher_messages, token_logprobs)
+from rollout import sample
+
+
+def test_teacher_prompt_adds_one_hint_slot_after_the_question():
+    s = make_world(1, seed=3)[0]
+    assert teacher_messages(s, "none") == student_messages(s)
+    assert teacher_messages(s, "answer")[0]["content"][1]["text"] == f"{s.question} [Hint]: {s.answer}"
+    assert teacher_messages(s, "cues")[0]["content"][1]["text"] == f"{s.question} [Hint]: {s.cue}"
+    crops = teacher_messages(s, "cues+crops")[0]["content"]
+    assert [p["type"] for p in crops] == ["image", "text"] + ["image"] * len(s.boxes)
+    assert crops[2]["image"].size == (s.boxes[0][2] - s.boxes[0][0], s.boxes[0][3] - s.boxes[0][1])
+    with pytest.raises(ValueError, match="unknown privilege 'gold'"):
+        teacher_messages(s, "gold")
+
+
+def test_teacher_scores_are_aligned_by_completion_mask(tiny):
+    """Teacher logits from a padded batch of prompts of different lengths equal, token for token,
+    those of each sample's own unpadded prompt + completion, concatenated by hand."""
+    model, processor = tiny
+    samples = eval_world(4, seed=2)
+    privileges = ["answer", "cues", "none", "rationale"]           # four different prompt lengths
+    words = processor.tokenizer.convert_tokens_to_ids(["red", "circles", ":", "a1", "<|im_end|>"])
+    completions = [words[: 2 + i] for i in range(4)]                  # different lengths too
+    one_by_one = [teacher_logits(model, processor, [s], p, [c]) for s, p, c in zip(samples, privileges, completions)]
+    mixed_batch = scoring_batch(processor, [teacher_messages(s, p) for s, p in zip(samples, privileges)], completions)
+    with torch.no_grad():
+        mixed, tokens = completion_logits(model, mixed_batch)
+    assert tokens.tolist() == [t for c in completions for t in c]
+    for i, (s, privilege, completion) in enumerate(zip(samples, privileges, completions)):
+        prompt = processor.apply_chat_template([teacher_messages(s, privilege)], add_generation_prompt=True,
+                                               tokenize=False)
+        alone = processor(text=prompt, images=[p["image"] for p in teacher_messages(s, privilege)[0]["content"]
+                                              if p["type"] == "image"], return_tensors="pt")
+        ids = torch.cat([alone["input_ids"][0], torch.tensor(completion)])[None]
+        types = torch.cat([alone["mm_token_type_ids"][0], torch.zeros(len(completion), dtype=torch.long)])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                           pixel_values=alone["pixel_values"], image_grid_thw=alone["image_grid_thw"]).logits[0]
+        by_hand = logits[-len(completion) - 1:-1]                    # position t-1 predicts token t
+        start = sum(len(c) for c in completions[:i])
+        assert torch.allclose(mixed[start:start + len(completion)], by_hand, atol=1e-4)
+        assert torch.allclose(one_by_one[i], by_hand, atol=1e-4)
+
+
+def test_sampled_rkl_gradient_is_the_policy_gradient_toward_the_teacher(tiny):
+    """With ratio 1 the paper's loss has gradient -mean_t A_t grad log pi(y_t), A_t = log pi_T - log pi_old."""
+    model, processor = tiny
+    samples = eval_world(3, seed=5)
+    rollout = sample(model, processor, collate(processor, [student_messages(s) for s in samples]),
+                     max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    completions = rollout_completions(rollout)
+    teacher = teacher_logits(model, processor, samples, "answer", completions)
+    student_batch = scoring_batch(processor, [student_messages(s) for s in samples], completions)
+    student_logits, tokens = completion_logits(model, student_batch)
+    old = rollout.logprobs[rollout.completion_mask.bool()]
+    loss, stats = distill_loss(student_logits, tokens, old, teacher)
+    (grad,) = torch.autograd.grad(loss, student_logits)
+    advantage = (token_logprobs(teacher, tokens) - old).clamp(-10, 10)
+    reference_loss = -(advantage * token_logprobs(student_logits, tokens)).mean()
+    (reference,) = torch.autograd.grad(reference_loss, student_logits)
+    assert torch.allclose(grad, reference, atol=1e-6)
+    assert stats["log_ratio"] == pytest.approx(-advantage.mean().item(), abs=1e-5)
+    assert stats["clip_frac"] == 0.0
+
+
+def test_privilege_gap_is_zero_without_privilege_and_positive_with_it(tiny):
+    model, processor = tiny
+    samples = eval_world(4, seed=7)
+    completions = [processor.tokenizer.convert_tokens_to_ids(["red", "circles", ":"])] * 4
+    plain = teacher_logits(model, processor, samples, "none", completions)
+    hinted = teacher_logits(model, processor, samples, "cues", completions)
+    assert privilege_gap(plain, plain) == pytest.approx(0.0, abs=1e-6)
+    reference = (hinted.softmax(-1) * (hinted.log_softmax(-1) - plain.log_softmax(-1))).sum(-1).mean()
+    assert privilege_gap(hinted, plain) == pytest.approx(reference.item(), rel=1e-4) and reference > 0
+
+
+def test_hint_leakage_counts_quoted_hint_ngrams_absent_from_the_question():
+    s = make_world(1, seed=0)[0]                         # cue: 'the red objects are at : a1 b1'
+    cue_words = s.cue.split()
+    assert hint_leakage([s], [" ".join(cue_words[-4:])], "cues") == 1.0
+    assert hint_leakage([s], [s.question], "cues") == 0.0
+    assert hint_leakage([s, s], ["the hint says so", "nothing"], "answer") == 0.5
+    assert hint_leakage([s], [f"so the answer is {s.answer} ."], "answer") == 0.0   # the answer itself is no leak
