@@ -1,13 +1,13 @@
 """Samples, the embedded synthetic visual world, JSONL loading, prompts and batching.
 
-The embedded world is a 4x4 grid of 32-pixel cells (128x128 pixels), so each of the
-16 merged visual tokens of the tiny Qwen3-VL covers exactly one cell. Cells are named
-by row letter and column number, a1 (top left) .. d4 (bottom right). Every object sits
-in its own cell and has a colour, a shape and a size.
+The embedded world is a 3x3 grid of 32-pixel cells (96x96 pixels), so each of the
+9 merged visual tokens of the tiny Qwen3-VL (16-pixel patches, 2x2 merge) covers exactly
+one cell. Cells are named by row letter and column number, a1 (top left) .. c3 (bottom
+right). Every object sits in its own cell and has a colour, a shape and a size.
 
 Seven task families stand in for the paper's seven benchmarks:
     in-domain:     count, attribute, spatial, compare, arithmetic
-    out-of-domain: dense_count  (counting in scenes with 9-13 objects; training has 3-7)
+    out-of-domain: dense_count  (counting in scenes with 6-8 objects; training has 2-5)
                    novel_pair   (counting colour-shape pairs never drawn in training)
 Each sample carries its visual cue (where the relevant objects are, never the answer),
 the boxes of those objects, and a rationale that walks through them to the answer.
@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 SHAPES = ["circle", "square", "triangle"]
-SIZES = {"big": 13, "small": 7}  # half-width in pixels
-GRID, CELL = 4, 32
+SIZES = {"big": 13, "small": 8}  # half-width in pixels
+GRID, CELL = 3, 32
 IMAGE_SIZE = GRID * CELL
-ROWS = "abcd"
+ROWS = "abc"
 CELLS = [f"{r}{c + 1}" for r in ROWS for c in range(GRID)]
 HELD_OUT_PAIRS = [("yellow", "triangle"), ("blue", "circle")]  # never drawn in in-domain scenes
 IN_DOMAIN = ["count", "attribute", "spatial", "compare", "arithmetic"]
@@ -118,7 +118,7 @@ def count_question(rng, objects, pairs_only=None):
             color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS])
     found = [o for o in objects if matches(o, color, shape)]
     what = describe(color, shape)
-    return (f"how many {what} are there ?", str(len(found)), found,
+    return (f"how many {what} are there ?", str(len(found)), [found],
             f"{what} : {cells_text(found)} .", f"the {what} are at : {cells_text(found)}")
 
 
@@ -148,7 +148,7 @@ def attribute_question(rng, objects):
     else:
         obj = rng.choice(unique_objects(objects, lambda o: (o.color, o.shape)))
         question, name, answer = f"is the {obj.color} {obj.shape} big or small ?", f"the {obj.color} {obj.shape}", obj.size
-    return (question, answer, [obj], f"{name} is at {obj.cell} . it is {answer} .", f"{name} is at {obj.cell}")
+    return (question, answer, [[obj]], f"{name} is at {obj.cell} . it is {answer} .", f"{name} is at {obj.cell}")
 
 
 def spatial_question(rng, objects):
@@ -159,12 +159,15 @@ def spatial_question(rng, objects):
     first, second = rng.sample(unique, 2)
     relation = rng.choice(["left of", "above"])
     if relation == "left of":
-        holds = int(first.cell[1]) < int(second.cell[1])
+        first_at, second_at, axis = int(first.cell[1]), int(second.cell[1]), "column"
     else:
-        holds = ROWS.index(first.cell[0]) < ROWS.index(second.cell[0])
+        first_at, second_at, axis = ROWS.index(first.cell[0]), ROWS.index(second.cell[0]), "row"
+    holds = first_at < second_at
     a, b = f"the {first.color} {first.shape}", f"the {second.color} {second.shape}"
     where = f"{a} is at {first.cell} . {b} is at {second.cell}"
-    return (f"is {a} {relation} {b} ?", "yes" if holds else "no", [first, second], where + " .", where)
+    names = (first.cell[1], second.cell[1]) if axis == "column" else (first.cell[0], second.cell[0])
+    steps = f"{where} . {axis} {names[0]} is {'' if holds else 'not '}{relation} {axis} {names[1]} ."
+    return f"is {a} {relation} {b} ?", "yes" if holds else "no", [[first], [second]], steps, where
 
 
 def two_groups(rng, objects):
@@ -184,9 +187,10 @@ def compare_question(rng, objects):
         return None
     w1, w2 = describe(c1, s1), describe(c2, s2)
     where = f"{w1} : {cells_text(group1)} . {w2} : {cells_text(group2)}"
-    steps = f"{where} . {len(group1)} against {len(group2)} ."
+    more = len(group1) > len(group2)
+    steps = f"{where} . {len(group1)} is {'' if more else 'not '}more than {len(group2)} ."
     return (f"are there more {w1} than {w2} ?", "yes" if len(group1) > len(group2) else "no",
-            group1 + group2, steps, where)
+            [group1, group2], steps, where)
 
 
 def arithmetic_question(rng, objects):
@@ -197,27 +201,29 @@ def arithmetic_question(rng, objects):
     where = f"{w1} : {cells_text(group1)} . {w2} : {cells_text(group2)}"
     total = len(group1) + len(group2)
     steps = f"{where} . {len(group1)} plus {len(group2)} is {total} ."
-    return f"how many {w1} and {w2} are there in total ?", str(total), group1 + group2, steps, where
+    return f"how many {w1} and {w2} are there in total ?", str(total), [group1, group2], steps, where
 
 
 def make_sample(rng, task, index, seed):
     """One sample of a task family; retries scenes until the family's question exists."""
     while True:
         if task == "dense_count":
-            objects = random_scene(rng, rng.randint(9, 13), allow_held_out=False)
+            objects = random_scene(rng, rng.randint(6, 8), allow_held_out=False)
             made = count_question(rng, objects)
         elif task == "novel_pair":
-            objects = random_scene(rng, rng.randint(3, 7), allow_held_out=True)
+            objects = random_scene(rng, rng.randint(2, 5), allow_held_out=True)
             present = [p for p in HELD_OUT_PAIRS if any(matches(o, *p) for o in objects)]
             made = count_question(rng, objects, pairs_only=present) if present else None
         else:
-            objects = random_scene(rng, rng.randint(3, 7), allow_held_out=False)
+            objects = random_scene(rng, rng.randint(2, 5), allow_held_out=False)
             make = {"count": count_question, "attribute": attribute_question, "spatial": spatial_question,
                     "compare": compare_question, "arithmetic": arithmetic_question}[task]
             made = make(rng, objects)
         if made is not None:
             break
-    question, answer, relevant, steps, cue = made
+    question, answer, groups, steps, cue = made
+    relevant = [o for group in groups for o in group]
+    steps = grid_scan(objects) + " . " + steps  # look at every cell first, then reason over what was seen
     return Sample(image=render(objects), question=question, answer=answer,
                   rationale=f"{steps} so the answer is {answer} .", cue=cue,
                   boxes=[o.box for o in relevant], task=task, id=f"{task}-{seed}-{index}"), objects
@@ -234,10 +240,17 @@ def eval_world(num_samples, seed=0):
     return make_world(num_samples, seed=EVAL_SEED_OFFSET + seed, families=FAMILIES)
 
 
+def grid_scan(objects):
+    """Every cell in reading order with what it holds: 'a1 big red circle . a2 none . ...'."""
+    by_cell = {o.cell: o for o in objects}
+    return " . ".join(f"{c} {by_cell[c].size} {by_cell[c].color} {by_cell[c].shape}" if c in by_cell else f"{c} none"
+                      for c in CELLS)
+
+
 def describe_sample(rng, index, seed):
-    """The dense grounded auxiliary task used in SFT: list every object by cell."""
-    objects = random_scene(rng, rng.randint(3, 7), allow_held_out=False)
-    listing = " . ".join(f"{o.cell} {o.size} {o.color} {o.shape}" for o in objects)
+    """The dense grounded auxiliary task used in SFT: say what every cell holds."""
+    objects = random_scene(rng, rng.randint(2, 5), allow_held_out=False)
+    listing = grid_scan(objects)
     return Sample(image=render(objects), question="describe the image .", answer=listing,
                   rationale=listing + " .", task="describe", id=f"describe-{seed}-{index}")
 
@@ -248,8 +261,8 @@ def world_vocabulary():
              "how", "many", "are", "there", "in", "total", "and", "what", "color", "shape", "object", "objects",
              "big", "or", "small", "left", "of", "above", "at", "it", "more", "than", "against", "plus", "yes",
              "no", "none", "describe", "image", "look", "crops", "You", "a", "helpful", "Answer", "with",
-             "reason", "step", "by", "then", "give", "final"]
-    words += list(COLORS) + SHAPES + [plural(s) for s in SHAPES] + CELLS + [str(n) for n in range(33)]
+             "reason", "step", "by", "then", "give", "final", "row", "column", "not"]
+    words += list(COLORS) + SHAPES + [plural(s) for s in SHAPES] + CELLS + list(ROWS) + [str(n) for n in range(33)]
     return list(dict.fromkeys(words))
 
 
@@ -411,3 +424,21 @@ def model_inputs(batch):
     """The keys of a batch that the model's forward takes."""
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     return {k: batch[k] for k in keys if k in batch}
+
+
+def main(argv):
+    """python data.py --out=DIR [--num_train=N] [--num_eval=N] [--seed=S]: write the embedded world
+    as DIR/train.jsonl and DIR/eval.jsonl (images in DIR/images), the format --data reads."""
+    args = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
+    if "out" not in args or set(args) - {"out", "num_train", "num_eval", "seed"} or len(args) != len(argv):
+        raise SystemExit(f"usage: python data.py --out=DIR [--num_train=N] [--num_eval=N] [--seed=S]; got {argv}")
+    os.makedirs(args["out"], exist_ok=True)
+    seed = int(args.get("seed", 0))
+    write_jsonl(make_world(int(args.get("num_train", 8000)), seed=seed), os.path.join(args["out"], "train.jsonl"))
+    write_jsonl(eval_world(int(args.get("num_eval", 350)), seed=seed), os.path.join(args["out"], "eval.jsonl"))
+    print(f"wrote {args['out']}/train.jsonl and eval.jsonl")
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

@@ -3,10 +3,11 @@
 `tiny` and `tiny-large` are real `Qwen3VLForConditionalGeneration` models built from a
 `Qwen3VLConfig` with random weights, a word-level tokenizer over the embedded world's
 vocabulary that carries Qwen's chat special tokens, and a real `Qwen3VLProcessor`.
-Images are 128x128: 16-pixel patches, 2x2 merge, so 16 visual tokens, one per grid cell.
+Images are 96x96: 16-pixel patches, 2x2 merge, so 9 visual tokens, one per grid cell.
 """
 
 import os
+import types
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -29,6 +30,7 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+POS_EMBED_SCALE = 30.0  # tiny init: vision position embeddings at the scale of patch embeddings
 TINY_SIZES = {
     # name: (text hidden, text layers, text heads, vision hidden, vision layers)
     "tiny": (128, 4, 4, 64, 2),
@@ -71,24 +73,25 @@ def tiny_config(name, tokenizer):
                                           "mrope_interleaved": True}),
         vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                            num_heads=4, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=hidden, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                           out_hidden_size=hidden, num_position_embeddings=(IMAGE_SIZE // 16) ** 2, deepstack_visual_indexes=[0]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
     )
 
 
-def patch_embed_as_matmul(model):
-    """Qwen3-VL embeds each 2x16x16 patch with a Conv3d whose kernel equals its stride, which is one
-    matmul. On CPU, Conv3d's backward is many times slower than that matmul (a fifth of a tiny SFT
-    step), so the same weights are applied with F.linear; parameters and checkpoints are unchanged."""
-    embed = model.model.visual.patch_embed
+def linear_patch_embed(self, hidden_states):
+    """Qwen3VLVisionPatchEmbed.forward as a matmul: the Conv3d's kernel equals its stride."""
+    weight = self.proj.weight.view(self.embed_dim, -1)                  # (D, C * T * P * P)
+    return torch.nn.functional.linear(hidden_states.view(-1, weight.shape[1]).to(weight.dtype), weight, self.proj.bias)
 
-    def forward(hidden_states):
-        weight = embed.proj.weight.view(embed.embed_dim, -1)           # (D, C * T * P * P)
-        return torch.nn.functional.linear(hidden_states.view(-1, weight.shape[1]).to(weight.dtype),
-                                          weight, embed.proj.bias)
-    embed.forward = forward
+
+def patch_embed_as_matmul(model):
+    """On CPU, Conv3d's backward is many times slower than the equivalent matmul (a fifth of a tiny
+    SFT step), so the patch embedding applies the same weights with F.linear; parameters and
+    checkpoints are unchanged. Bound as a method, so a deepcopy of the model uses its own weights."""
+    embed = model.model.visual.patch_embed
+    embed.forward = types.MethodType(linear_patch_embed, embed)
     return model
 
 
@@ -99,6 +102,8 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
         processor = tiny_processor()
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(tiny_config(name_or_path, processor.tokenizer)).to(dtype)
+        with torch.no_grad():  # random init puts position embeddings ~30x below patch embeddings;
+            model.model.visual.pos_embed.weight.mul_(POS_EMBED_SCALE)  # match them so position is readable
     else:
         if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
             raise FileNotFoundError(f"checkpoint directory '{name_or_path}' does not exist "

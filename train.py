@@ -40,12 +40,13 @@ class Config:
     student: str = "tiny"            # 'tiny', 'tiny-large', a transformers id or a local checkpoint directory
     init_from: str = ""              # start from this checkpoint directory instead of `student`
     data: str = ""                   # a JSONL file (data.py format); empty = the embedded world
+    eval_data: str = ""              # a JSONL file to evaluate on; empty = the last num_eval samples of --data
     skip_bad: bool = False           # skip and count bad JSONL lines instead of stopping
     num_train: int = 8000            # embedded world: training samples (in-domain families)
     num_eval: int = 350              # embedded world: evaluation samples (all seven families)
     out_dir: str = "out/default"
-    max_steps: int = 1500
-    batch_size: int = 32             # per rank, per micro-step
+    max_steps: int = 2400
+    batch_size: int = 16             # per rank, per micro-step
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1        # cosine decay to lr * min_lr_ratio
@@ -57,7 +58,7 @@ class Config:
     save_every: int = 500
     resume: bool = False             # continue from out_dir/ckpt
     max_length: int = 512            # longest prompt + completion, in tokens
-    max_new_tokens: int = 48         # evaluation and rollouts
+    max_new_tokens: int = 96         # evaluation and rollouts
     eval_batch_size: int = 64
     # on-policy distillation
     teacher: str = "self"            # 'self' (a frozen copy of the starting student) or a model name / checkpoint
@@ -72,7 +73,7 @@ class Config:
     # SFT: the share of samples shown with privileged context, and of scene descriptions
     sft_cue_frac: float = 0.25
     sft_answer_frac: float = 0.1
-    sft_describe_frac: float = 0.25
+    sft_describe_frac: float = 0.2
     device: str = "cpu"
     threads: int = 0                 # CPU threads per rank; 0 = all cores shared among the ranks
     dtype: str = "float32"           # float32 or bfloat16 (weights)
@@ -155,13 +156,23 @@ def all_reduce_mean(value, world_size):
 # ----------------------------------------------------------------------------- data
 
 def training_samples(config, rank):
-    """The training set (the embedded world or the user's JSONL) and the evaluation set."""
-    if config.data:
-        samples, skipped = load_jsonl(config.data, skip_bad=config.skip_bad)
-        if rank == 0:
-            print(f"data: {len(samples)} samples from {config.data}" + (f", {skipped} bad lines skipped" if skipped else ""))
-        return samples, samples[: config.num_eval]
-    return make_world(config.num_train, seed=config.seed), eval_world(config.num_eval, seed=config.seed)
+    """(training samples, evaluation samples): the embedded world, or the user's JSONL files
+    (without --eval_data, the last num_eval samples of --data are held out for evaluation)."""
+    if not config.data:
+        return make_world(config.num_train, seed=config.seed), eval_world(config.num_eval, seed=config.seed)
+    samples, skipped = load_jsonl(config.data, skip_bad=config.skip_bad)
+    if config.eval_data:
+        eval_samples, eval_skipped = load_jsonl(config.eval_data, skip_bad=config.skip_bad)
+        skipped += eval_skipped
+    else:
+        if len(samples) <= config.num_eval:
+            raise SystemExit(f"error: {config.data} has {len(samples)} samples, not more than --num_eval="
+                             f"{config.num_eval}; pass --eval_data=FILE or a smaller --num_eval")
+        samples, eval_samples = samples[:-config.num_eval], samples[-config.num_eval:]
+    if rank == 0:
+        print(f"data: {len(samples)} training samples from {config.data}, {len(eval_samples)} for evaluation"
+              + (f"; {skipped} bad lines skipped" if skipped else ""))
+    return samples, eval_samples
 
 
 def sft_example(sample, rng, config):

@@ -47,3 +47,15 @@ def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
     patches = torch.randn(40, 3 * 2 * 16 * 16)
     conv = embed.proj(patches.view(-1, 3, 2, 16, 16)).view(-1, embed.embed_dim)
     assert torch.allclose(embed(patches), conv, atol=1e-5)
+
+
+def test_a_deep_copy_uses_its_own_patch_embedding(tiny):
+    import copy
+    model, _ = tiny
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.visual.patch_embed.proj.weight.zero_()
+        twin.model.visual.patch_embed.proj.bias.zero_()
+    patches = torch.randn(8, 3 * 2 * 16 * 16)
+    assert twin.model.visual.patch_embed(patches).abs().max() == 0
+    assert model.model.visual.patch_embed(patches).abs().max() > 0

@@ -109,3 +109,26 @@ def test_resume_gives_the_same_steps_as_a_run_that_never_stopped(tmp_path, monke
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--resume=true but .* does not exist"):
         train.main(["--resume=true", f"--out_dir={tmp_path}"])
+
+
+def test_evaluate_cli_scores_a_checkpoint(short_run, tmp_path, capsys):
+    import evaluate
+    out = tmp_path / "eval.json"
+    evaluate.main([f"--ckpt={short_run}/ckpt", "--num_eval=14", "--max_new_tokens=24", f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert "| family | n | student (image + question) | majority baseline |" in printed
+    saved = json.load(open(out))
+    reference = json.load(open(os.path.join(short_run, "eval.json")))
+    assert saved["per_family"] == reference["per_family"]         # the same greedy answers as the run's own
+    with pytest.raises(SystemExit, match="usage: python evaluate.py --ckpt=DIR"):
+        evaluate.main(["--checkpoint=x"])
+
+
+def test_training_on_jsonl_files_goes_through_the_real_loader(tmp_path):
+    import data
+    data.main([f"--out={tmp_path / 'world'}", "--num_train=40", "--num_eval=7"])
+    out_dir = tmp_path / "run"
+    train.main([f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--eval_data={tmp_path / 'world' / 'eval.jsonl'}",
+                "--max_steps=2", "--batch_size=4", "--max_new_tokens=8", f"--out_dir={out_dir}"])
+    results = json.load(open(out_dir / "eval.json"))
+    assert sum(results["counts"].values()) == 7 and len(results["per_family"]) == 7
