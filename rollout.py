@@ -69,6 +69,9 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
 @torch.no_grad()
 def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, presence_penalty=0.0,
            max_new_tokens=64, greedy=False, generator=None):
@@ -77,6 +80,9 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     tokenizer = processor.tokenizer
     stop_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
     pad_id = tokenizer.pad_token_id
+    # a completion never holds vision placeholders (they would need pixels): like top-k, this truncates
+    # what is sampled, while the log-probs stay those of the model's full distribution
+    vision_ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     was_training = model.training
     model.eval()
 
@@ -94,12 +100,14 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
         logits = logits.float()
         if presence_penalty:
             logits = logits - presence_penalty * seen.to(logits.dtype)
+        allowed = logits.clone()
+        allowed[:, vision_ids] = float("-inf")
         if greedy:
-            token = logits.argmax(-1)
+            token = allowed.argmax(-1)
             token_logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
         else:
             scaled = logits / temperature
-            probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+            probs = filter_logits(allowed / temperature, top_k, top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             token_logprob = scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
         token = torch.where(finished, torch.full_like(token, pad_id), token)

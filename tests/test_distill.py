@@ -88,3 +88,23 @@ def test_hint_leakage_counts_quoted_hint_ngrams_absent_from_the_question():
     assert hint_leakage([s], [s.question], "cues") == 0.0
     assert hint_leakage([s, s], ["the hint says so", "nothing"], "answer") == 0.5
     assert hint_leakage([s], [f"so the answer is {s.answer} ."], "answer") == 0.0   # the answer itself is no leak
+
+
+def test_teacher_with_another_tokenizer_is_refused(tiny):
+    import copy
+    from distill import check_same_tokenizer
+    _, processor = tiny
+    other = copy.deepcopy(processor)
+    other.tokenizer.add_tokens(["zebra"])
+    check_same_tokenizer(processor, copy.deepcopy(processor), "twin")
+    with pytest.raises(ValueError, match="teacher 'other' uses a different tokenizer"):
+        check_same_tokenizer(processor, other, "other")
+
+
+def test_a_full_divergence_loss_is_the_mean_over_completion_tokens():
+    from distill import divergence
+    student, teacher = torch.randn(7, 30, requires_grad=True), torch.randn(7, 30)
+    tokens, old = torch.randint(0, 30, (7,)), torch.randn(7)
+    loss, stats = distill_loss(student, tokens, old, teacher, loss="jsd", beta=0.3)
+    assert torch.allclose(loss, divergence(student, teacher, "jsd", beta=0.3).mean())
+    assert stats["log_ratio"] == pytest.approx((old - token_logprobs(teacher, tokens)).mean().item(), abs=1e-5)

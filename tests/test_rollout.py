@@ -4,7 +4,7 @@ import copy
 import torch
 
 from data import collate, eval_world, model_inputs, student_messages
-from rollout import filter_logits, repeat_batch, sample
+from rollout import VISION_TOKENS, filter_logits, repeat_batch, sample
 
 
 def prompt_batch(processor, n=6, seed=1):
@@ -25,7 +25,8 @@ def test_greedy_equals_generate_token_for_token(tiny):
     model, processor = tiny
     batch = prompt_batch(processor)
     rollout = sample(model, processor, batch, greedy=True, max_new_tokens=16)
-    generated = model.generate(**model_inputs(batch), max_new_tokens=16, do_sample=False)
+    vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    generated = model.generate(**model_inputs(batch), max_new_tokens=16, do_sample=False, suppress_tokens=vision_ids)
     reference = generated[:, batch["input_ids"].shape[1]:]
     ours = rollout.completion_ids[:, :reference.shape[1]]
     # generate pads finished rows with pad_token_id, as we do
@@ -77,6 +78,17 @@ def test_stops_at_end_of_turn_and_masks_after_it(tiny):
             assert (ids[first + 1:] == processor.tokenizer.pad_token_id).all()
             stopped += 1
     assert stopped >= 2
+
+
+def test_rollouts_never_contain_vision_placeholders(tiny):
+    model, processor = tiny
+    uniform = copy.deepcopy(model)
+    with torch.no_grad():
+        uniform.lm_head.weight.zero_()  # every token equally likely, vision tokens included
+    rollout = sample(uniform, processor, prompt_batch(processor, n=4), n=4, max_new_tokens=30,
+                     generator=torch.Generator().manual_seed(3))
+    vision_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS])
+    assert not torch.isin(rollout.completion_ids, vision_ids).any()
 
 
 def test_filter_logits_top_k_and_top_p():
