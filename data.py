@@ -334,11 +334,15 @@ def load_jsonl(path, skip_bad=False):
         raise FileNotFoundError(f"{path}: data file not found")
     folder = os.path.dirname(os.path.abspath(path))
     samples, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"not valid UTF-8 (byte {error.start})") from None
                 sample = parse_record(line, folder)
             except ValueError as error:
                 if not skip_bad:
@@ -402,7 +406,7 @@ def collate(processor, chats, completion_ids=None, max_length=None, sample_ids=N
         row = max(range(len(rows)), key=lambda r: len(rows[r][0]))
         name = f" (sample {sample_ids[row]})" if sample_ids else ""
         raise ValueError(f"a sequence of {length} tokens{name} exceeds max_length={max_length}; "
-                         f"shorten the question or raise --max_prompt_length")
+                         f"shorten the prompt or raise --max_length")
 
     def left_pad(values, fill):
         return torch.tensor([[fill] * (length - len(v)) + v for v in values])

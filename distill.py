@@ -367,7 +367,7 @@ def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sam
     fkl / rkl / jsd / topk_jsd: mean_t D(p_S(.|t), p_T(.|t)) over the completion tokens
     """
     mask = torch.ones_like(tokens, dtype=torch.float32)
-    teacher_token_logprobs = token_logprobs(teacher_logits, tokens)       # log pi_T(y_t | x_T)
+    teacher_token_logprobs = token_logprobs(teacher_logits, tokens, temperature)  # log pi_T(y_t | x_T), same temperature
     log_ratio = old_logprobs - teacher_token_logprobs
     if loss == "sampled_rkl":
         new_logprobs = token_logprobs(student_logits, tokens, temperature)  # log pi_theta(y_t), tempered as sampled

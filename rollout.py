@@ -78,7 +78,8 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     """Sample n completions per prompt of a collated, left-padded batch -> Rollout."""
     batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
     tokenizer = processor.tokenizer
-    stop_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
+    device = batch["input_ids"].device
+    stop_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")], device=device)
     pad_id = tokenizer.pad_token_id
     # a completion never holds vision placeholders (they would need pixels): like top-k, this truncates
     # what is sampled, while the log-probs stay those of the model's full distribution
@@ -93,8 +94,8 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     batch_size = attention_mask.shape[0]
-    finished = torch.zeros(batch_size, dtype=torch.bool)
-    seen = torch.zeros(batch_size, logits.shape[-1], dtype=torch.bool)   # for the presence penalty
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    seen = torch.zeros(batch_size, logits.shape[-1], dtype=torch.bool, device=device)  # for the presence penalty
     tokens, logprobs, masks = [], [], []
     for _ in range(max_new_tokens):
         logits = logits.float()
@@ -114,12 +115,12 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
         tokens.append(token)
         logprobs.append(torch.where(finished, torch.zeros_like(token_logprob), token_logprob))
         masks.append(~finished)
-        seen[torch.arange(batch_size), token] = True
+        seen[torch.arange(batch_size, device=device), token] = True
         finished = finished | torch.isin(token, stop_ids)
         if finished.all():
             break
         # one decode step: the new token's M-RoPE position is the same on all three axes
-        attention_mask = torch.cat([attention_mask, torch.ones(batch_size, 1, dtype=attention_mask.dtype)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
         step_positions = next_position.view(1, -1, 1).expand(3, -1, -1)
         next_position = next_position + 1
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=step_positions,

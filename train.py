@@ -135,6 +135,9 @@ def all_reduce_gradients(model, world_size):
     """Average gradients across ranks: one flat buffer, one all_reduce."""
     if world_size == 1:
         return
+    for p in model.parameters():  # every rank must send the same buffer, even for unused parameters
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -145,10 +148,10 @@ def all_reduce_gradients(model, world_size):
         offset += g.numel()
 
 
-def all_reduce_mean(value, world_size):
+def all_reduce_mean(value, world_size, device="cpu"):
     if world_size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / world_size
 
@@ -181,7 +184,7 @@ def sft_example(sample, rng, config):
     draw = rng.random()
     if draw < config.sft_cue_frac and sample.cue:
         chat = teacher_messages(sample, "cues")
-    elif draw < config.sft_cue_frac + config.sft_answer_frac:
+    elif config.sft_cue_frac <= draw < config.sft_cue_frac + config.sft_answer_frac:
         chat = teacher_messages(sample, "answer")
     else:
         chat = student_messages(sample)
@@ -247,9 +250,13 @@ def timed(times, name):
 # ----------------------------------------------------------------------------- on-policy distillation
 
 def load_teacher(config, student, processor):
-    """'self': a frozen copy of the student as it starts (never trained); else a stronger model."""
-    if config.teacher == "self":
+    """'self': a frozen copy of the student as it starts (never trained; on --resume it is loaded
+    again from where the run started, not from the trained checkpoint); else a stronger model."""
+    if config.teacher == "self" and not config.resume:
         teacher = copy.deepcopy(student)
+    elif config.teacher == "self":
+        teacher, _ = load_model(config.init_from or config.student, dtype=getattr(torch, config.dtype),
+                                seed=config.seed, device=config.device)
     else:
         teacher, teacher_processor = load_model(config.teacher, dtype=getattr(torch, config.dtype),
                                                 device=config.device)
@@ -433,7 +440,7 @@ def main(argv):
         else:
             metrics = distill_step(model, teacher, optimizer, processor, samples, step, rank, world_size, config, times)
         grad_norm = optimizer_step(model, optimizer, config, times, world_size)
-        metrics = {k: all_reduce_mean(v, world_size) for k, v in metrics.items()}
+        metrics = {k: all_reduce_mean(v, world_size, config.device) for k, v in metrics.items()}
         if rank == 0:
             record = {"step": step + 1, **metrics, "grad_norm": grad_norm, "lr": learning_rate(step, config),
                       "step_time": time.time() - step_start, **{f"time_{k}": v for k, v in times.items()}}

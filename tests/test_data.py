@@ -138,6 +138,7 @@ BAD_LINES = [
     (json.dumps(good_record(boxes=[[1, 2, 3]])), "not four numbers"),
     (json.dumps(good_record(boxes="0 0 1 1")), "must be a list"),
     (json.dumps(good_record(colour="red")), "unknown field"),
+    (b'{"image": "img.png", "question": "\xff"}'.decode("latin-1"), "not valid UTF-8"),
 ]
 
 
@@ -151,7 +152,7 @@ def jsonl_folder(tmp_path):
 @pytest.mark.parametrize("line, reason", BAD_LINES)
 def test_a_bad_line_names_file_line_and_reason(jsonl_folder, line, reason):
     path = jsonl_folder / "data.jsonl"
-    path.write_text(json.dumps(good_record()) + "\n\n" + line + "\n")
+    path.write_bytes((json.dumps(good_record()) + "\n\n").encode() + line.encode("latin-1") + b"\n")
     with pytest.raises(ValueError) as error:
         load_jsonl(str(path))
     assert f"{path}:3: " in str(error.value) and reason in str(error.value)
@@ -159,8 +160,8 @@ def test_a_bad_line_names_file_line_and_reason(jsonl_folder, line, reason):
 
 def test_skip_bad_skips_and_counts(jsonl_folder, capsys):
     path = jsonl_folder / "data.jsonl"
-    path.write_text("\n".join([json.dumps(good_record())] + [line for line, _ in BAD_LINES]
-                              + [json.dumps(good_record(id="last"))]) + "\n")
+    path.write_bytes("\n".join([json.dumps(good_record())] + [line for line, _ in BAD_LINES]
+                               + [json.dumps(good_record(id="last"))]).encode("latin-1") + b"\n")
     samples, skipped = load_jsonl(str(path), skip_bad=True)
     assert skipped == len(BAD_LINES) and [s.id for s in samples] == ["data.jsonl:1", "last"]
     assert samples[0].image.mode == "RGB"

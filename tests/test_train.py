@@ -132,3 +132,18 @@ def test_training_on_jsonl_files_goes_through_the_real_loader(tmp_path):
                 "--max_steps=2", "--batch_size=4", "--max_new_tokens=8", f"--out_dir={out_dir}"])
     results = json.load(open(out_dir / "eval.json"))
     assert sum(results["counts"].values()) == 7 and len(results["per_family"]) == 7
+
+
+def test_a_resumed_self_distillation_keeps_the_starting_teacher(tiny, tmp_path):
+    """--teacher=self is the student as it started, also when a later run resumes from a trained checkpoint."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    trained, _ = load_model(str(tmp_path))
+    with torch.no_grad():
+        trained.lm_head.weight.add_(1.0)                  # the student has moved since the start
+    for resume in (False, True):
+        config = train.Config(mode="opsd", teacher="self", init_from=str(tmp_path), resume=resume)
+        teacher = train.load_teacher(config, model if not resume else trained, processor)
+        assert torch.equal(teacher.lm_head.weight, model.lm_head.weight)
+        assert not any(p.requires_grad for p in teacher.parameters())
