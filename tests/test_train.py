@@ -147,3 +147,25 @@ def test_a_resumed_self_distillation_keeps_the_starting_teacher(tiny, tmp_path):
         teacher = train.load_teacher(config, model if not resume else trained, processor)
         assert torch.equal(teacher.lm_head.weight, model.lm_head.weight)
         assert not any(p.requires_grad for p in teacher.parameters())
+
+
+DISTILL_METRICS = {"loss", "log_ratio", "clip_frac", "student_entropy", "teacher_entropy", "rollout_length", "reward",
+                   "privilege_gap", "hint_leakage", "time_sample", "time_teacher", "time_student",
+                   "time_communication", "time_optimizer"}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--mode=opsd", "--num_rollouts=2", "--ppo_epochs=2"],                      # the paper's loss, PPO epochs
+    ["--mode=opsd", "--privilege=cues", "--loss=topk_jsd", "--top_k=5"],         # a full divergence
+    ["--mode=opd", "--teacher=tiny-large", "--loss=jsd", "--beta=0.3"],          # another model as teacher
+])
+def test_distillation_modes_run_end_to_end(flags, tmp_path):
+    train.main(flags + ["--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
+                        "--warmup_steps=1", f"--out_dir={tmp_path}"])
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(DISTILL_METRICS <= set(r) for r in log)
+    assert all(r["rollout_length"] > 0 for r in log)
+    assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
+    if "--mode=opd" in flags:
+        assert all(r["privilege_gap"] == 0 for r in log)
