@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data import collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages
 from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, privilege_gap,
-                     rollout_completions, scoring_batch, teacher_logits, teacher_messages)
+                     rollout_completions, scoring_batch, teacher_logits, teacher_messages, token_logprobs)
 from evaluate import evaluate, format_table, score
 from model import load_model, num_parameters
 from rollout import sample
@@ -318,6 +318,23 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
     return metrics
 
 
+@torch.no_grad()
+def probe_log_ratio(student, teacher, processor, probe_samples, config):
+    """mean_t log pi_S(y_t) - log pi_T(y_t | x_T) on the student's greedy answers to fixed prompts:
+    the distillation gap measured the same way before and after training, free of sampling noise."""
+    privilege = config.privilege or MODE_PRIVILEGE[config.mode]
+    to_device = lambda batch: {k: v.to(config.device) for k, v in batch.items()}
+    prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples], max_length=config.max_length))
+    completions = rollout_completions(sample(student, processor, prompt, greedy=True,
+                                             max_new_tokens=config.max_new_tokens))
+    scored = teacher_logits(teacher, processor, probe_samples, privilege, completions, config.max_length)
+    student_batch = scoring_batch(processor, [student_messages(s) for s in probe_samples], completions, config.max_length)
+    was_training = student.training
+    student_logits, tokens = completion_logits(student.eval(), to_device(student_batch))
+    student.train(was_training)
+    return (token_logprobs(student_logits, tokens) - token_logprobs(scored, tokens)).mean().item()
+
+
 # ----------------------------------------------------------------------------- the optimizer step
 
 def optimizer_step(model, optimizer, config, times, world_size):
@@ -422,6 +439,10 @@ def main(argv):
         privilege = config.privilege or MODE_PRIVILEGE[config.mode]
         print(f"teacher: {config.teacher} ({num_parameters(teacher) / 1e6:.2f} M parameters), privilege "
               f"'{privilege}', loss {config.loss}")
+        probe = samples[:64]
+        probe_before = probe_log_ratio(model, teacher, processor, probe, config)
+        print(f"probe log-ratio (student greedy answers to {len(probe)} training prompts) before: {probe_before:.4f}")
+        log_file.write(json.dumps({"step": step, "probe_log_ratio": probe_before}) + "\n")
         if not config.resume:
             before = run_evaluation(model, processor, eval_samples, config, privileged=False)
             print("before distillation:\n" + format_table(before))
@@ -459,6 +480,10 @@ def main(argv):
 
     if rank == 0:
         save_checkpoint(model, processor, optimizer, config.max_steps, config)
+        if teacher is not None:
+            probe_after = probe_log_ratio(model, teacher, processor, probe, config)
+            print(f"probe log-ratio before: {probe_before:.4f}, after: {probe_after:.4f}")
+            log_file.write(json.dumps({"step": config.max_steps, "probe_log_ratio": probe_after}) + "\n")
         columns = run_evaluation(model, processor, eval_samples, config)
         table = format_table(columns)
         student = columns[STUDENT]

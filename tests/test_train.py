@@ -162,9 +162,11 @@ DISTILL_METRICS = {"loss", "log_ratio", "clip_frac", "student_entropy", "teacher
 def test_distillation_modes_run_end_to_end(flags, tmp_path):
     train.main(flags + ["--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
                         "--warmup_steps=1", f"--out_dir={tmp_path}"])
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    log = [r for r in records if "loss" in r]
     assert [r["step"] for r in log] == [1, 2]
     assert all(DISTILL_METRICS <= set(r) for r in log)
+    assert [r["step"] for r in records if "probe_log_ratio" in r] == [0, 2]    # before and after
     assert all(r["rollout_length"] > 0 for r in log)
     assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
     if "--mode=opd" in flags:
