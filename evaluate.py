@@ -221,7 +221,7 @@ def family_order(tasks):
 
 
 @torch.no_grad()
-def evaluate(model, processor, samples, batch_size=64, max_new_tokens=48, messages_fn=student_messages,
+def evaluate(model, processor, samples, batch_size=64, max_new_tokens=96, messages_fn=student_messages,
              progress=True):
     """Greedy answers for every sample -> {'per_family', 'in_domain_avg', 'ood_avg', 'overall',
     'baseline', 'counts', 'records'}. messages_fn builds the prompt: the default is what the student
@@ -272,7 +272,7 @@ def main(argv):
     else:
         samples = eval_world(int(args.get("num_eval", 350)), seed=int(args.get("seed", 0)))
     results = evaluate(model, processor, samples, batch_size=int(args.get("batch_size", 64)),
-                       max_new_tokens=int(args.get("max_new_tokens", 48)))
+                       max_new_tokens=int(args.get("max_new_tokens", 96)))
     print(format_table({"student (image + question)": results}))
     out = args.get("out", os.path.join(args["ckpt"], "eval.json"))
     with open(out, "w") as f:
