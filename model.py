@@ -35,7 +35,6 @@ TINY_SIZES = {
     # name: (text hidden, text layers, text heads, vision hidden, vision layers)
     "tiny": (128, 4, 4, 64, 2),
     "tiny-large": (192, 6, 6, 96, 2),
-    "tiny-v128": (128, 4, 4, 128, 2),
 }
 
 

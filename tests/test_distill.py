@@ -3,7 +3,7 @@ import torch
 import pytest
 
 from data import collate, eval_world, make_world, student_messages
-from distill import (PRIVILEGES, completion_logits, distill_loss, hint_leakage, privilege_gap, rollout_completions,
+from distill import (completion_logits, distill_loss, hint_leakage, privilege_gap, rollout_completions,
                      scoring_batch, teacher_logits, teacher_messages, token_logprobs)
 from rollout import sample
 

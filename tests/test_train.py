@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from data import collate, eval_world, model_inputs, student_messages
+from data import eval_world
 from evaluate import evaluate
 from model import load_model
 
