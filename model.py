@@ -104,7 +104,8 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
         with torch.no_grad():  # random init puts position embeddings ~30x below patch embeddings;
             model.model.visual.pos_embed.weight.mul_(POS_EMBED_SCALE)  # match them so position is readable
     else:
-        if name_or_path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isdir(name_or_path.split("/")[0])
+        if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
             raise FileNotFoundError(f"checkpoint directory '{name_or_path}' does not exist "
                                     f"(a model is 'tiny', 'tiny-large', a hub id or a local directory)")
         processor = AutoProcessor.from_pretrained(name_or_path)

@@ -276,7 +276,9 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
         rows = [s for s in prompts for _ in range(config.num_rollouts)]
         with timed(times, "sample"):
             generator = torch.Generator(device=config.device).manual_seed(rng.randrange(2**62) + rank)
-            prompt = collate(processor, [student_messages(s) for s in prompts], max_length=config.max_length)
+            # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
+            prompt = collate(processor, [student_messages(s) for s in prompts],
+                             max_length=config.max_length - config.max_new_tokens)
             rollout = sample(student, processor, {k: v.to(config.device) for k, v in prompt.items()},
                              n=config.num_rollouts, temperature=config.temperature,
                              max_new_tokens=config.max_new_tokens, generator=generator)
@@ -409,6 +411,9 @@ def main(argv):
     config = parse_args(argv)
     if config.mode not in ["sft"] + DISTILL_MODES:
         raise SystemExit(f"error: unknown --mode={config.mode}; available: {['sft'] + DISTILL_MODES}")
+    if config.mode in DISTILL_MODES and config.max_new_tokens >= config.max_length:
+        raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
+                         f"--max_length={config.max_length}")
     rank, world_size = init_distributed(config)
     torch.manual_seed(config.seed)
     random.seed(config.seed + rank)

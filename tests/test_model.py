@@ -39,6 +39,9 @@ def test_a_missing_checkpoint_directory_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError):
         load_model("./tiny-huge")
+    (tmp_path / "out").mkdir()   # 'out/sft/ckpt' under an existing local folder is a path, not a hub id
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "out" / "sft" / "ckpt"))
 
 
 def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
