@@ -424,6 +424,10 @@ def collate(processor, chats, completion_ids=None, max_length=None, sample_ids=N
     return batch
 
 
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def model_inputs(batch):
     """The keys of a batch that the model's forward takes."""
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")

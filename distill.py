@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from data import collate, model_inputs, student_messages, user_message
+from data import collate, model_inputs, student_messages, to_device, user_message
 
 PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops"]
 
@@ -346,8 +346,7 @@ def completion_logits(model, batch):
 def teacher_logits(teacher, processor, samples, privilege, completions, max_length=None):
     """The frozen teacher's logits on the student's tokens under its own (privileged) prompt, (N, V)."""
     batch = scoring_batch(processor, [teacher_messages(s, privilege) for s in samples], completions, max_length)
-    batch = {k: v.to(teacher.device) for k, v in batch.items()}
-    return completion_logits(teacher, batch)[0]
+    return completion_logits(teacher, to_device(batch, teacher.device))[0]
 
 
 def check_same_tokenizer(student_processor, teacher_processor, teacher_name):

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages
+from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
+                  to_device)
 from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, privilege_gap,
                      rollout_completions, scoring_batch, teacher_logits, teacher_messages, token_logprobs)
 from evaluate import evaluate, format_table, score
@@ -230,7 +231,7 @@ def sft_step(model, processor, samples, step, rank, world_size, config, times):
     for micro in range(config.grad_accum):
         with timed(times, "data"):
             batch = sft_batch(samples, step * config.grad_accum + micro, rank, world_size, config, processor)
-            batch = {k: v.to(config.device) for k, v in batch.items()}
+            batch = to_device(batch, config.device)
         with timed(times, "student"):
             loss, stats = sft_loss(model, batch)
             (loss / config.grad_accum).backward()
@@ -279,7 +280,7 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
             # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
             prompt = collate(processor, [student_messages(s) for s in prompts],
                              max_length=config.max_length - config.max_new_tokens)
-            rollout = sample(student, processor, {k: v.to(config.device) for k, v in prompt.items()},
+            rollout = sample(student, processor, to_device(prompt, config.device),
                              n=config.num_rollouts, temperature=config.temperature,
                              max_new_tokens=config.max_new_tokens, generator=generator)
             completions = rollout_completions(rollout)
@@ -290,7 +291,7 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                 plain = teacher_logits(teacher, processor, rows, "none", completions, config.max_length)
                 gap = privilege_gap(scored, plain)
         student_batch = scoring_batch(processor, [student_messages(s) for s in rows], completions, config.max_length)
-        rollouts.append((rows, rollout, scored, gap, {k: v.to(config.device) for k, v in student_batch.items()}))
+        rollouts.append((rows, rollout, scored, gap, to_device(student_batch, config.device)))
 
     metrics = {}
     def add(name, value):
@@ -325,14 +326,14 @@ def probe_log_ratio(student, teacher, processor, probe_samples, config):
     """mean_t log pi_S(y_t) - log pi_T(y_t | x_T) on the student's greedy answers to fixed prompts:
     the distillation gap measured the same way before and after training, free of sampling noise."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
-    to_device = lambda batch: {k: v.to(config.device) for k, v in batch.items()}
-    prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples], max_length=config.max_length))
+    prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples],
+                               max_length=config.max_length - config.max_new_tokens), config.device)
     completions = rollout_completions(sample(student, processor, prompt, greedy=True,
                                              max_new_tokens=config.max_new_tokens))
     scored = teacher_logits(teacher, processor, probe_samples, privilege, completions, config.max_length)
     student_batch = scoring_batch(processor, [student_messages(s) for s in probe_samples], completions, config.max_length)
     was_training = student.training
-    student_logits, tokens = completion_logits(student.eval(), to_device(student_batch))
+    student_logits, tokens = completion_logits(student.eval(), to_device(student_batch, config.device))
     student.train(was_training)
     return (token_logprobs(student_logits, tokens) - token_logprobs(scored, tokens)).mean().item()
 
