@@ -2,6 +2,8 @@
 
     python bench.py                       # 2048 tokens over Qwen3-VL's 151,936-token vocabulary
     python bench.py --tokens=512 --repeats=1
+    python bench.py --sink                # prefill and decode time with and without the cue recovery module
+    python bench.py --sink --sink_model=2b   # the same on a random model with Qwen3-VL-2B's shapes (GPU)
 
 For every case we time forward + backward (sum of the per-token values, backward into the
 student logits) and record the peak memory it takes on top of what was allocated before
@@ -118,6 +120,99 @@ def measure(fn, student_logits, repeats, device):
     return statistics.median(seconds), max(peaks), values
 
 
+# ---------------------------------------------------------------------------
+# the cue recovery module: prefill and per-token decode time with and without it
+
+def qwen3_vl_2b_shaped(tokenizer):
+    """A randomly initialised model with Qwen3-VL-2B's shapes (28 layers, d = 2048, a 24-layer vision
+    tower with deepstack after 5, 11, 17) and the tiny tokenizer's special-token ids: for timing only."""
+    from model import tiny_config
+    config = tiny_config("tiny", tokenizer)
+    config.text_config.update(dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936))
+    config.text_config.rope_parameters["mrope_section"] = [24, 20, 20]
+    config.vision_config.update(dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                     out_hidden_size=2048, num_position_embeddings=2304,
+                                     deepstack_visual_indexes=[5, 11, 17]))
+    from transformers import Qwen3VLForConditionalGeneration
+    return Qwen3VLForConditionalGeneration(config)
+
+
+def synthetic_prompts(model, tokenizer, batch_size, grid, text_tokens, device):
+    """<|im_start|> user <vision_start> image pads <vision_end> text...: one grid x grid-patch image each."""
+    ids = tokenizer.convert_tokens_to_ids
+    merged = (grid // 2) ** 2
+    row = ([ids("<|im_start|>"), ids("user"), ids("<|vision_start|>")] + [ids("<|image_pad|>")] * merged
+           + [ids("<|vision_end|>")] + [ids("red")] * text_tokens + [ids("<|im_end|>"), ids("<|im_start|>")])
+    input_ids = torch.tensor([row] * batch_size, device=device)
+    patch_dim = 3 * 2 * 16 * 16
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == ids("<|image_pad|>")).long(),
+            "pixel_values": torch.randn(batch_size * grid * grid, patch_dim, device=device, dtype=model.dtype),
+            "image_grid_thw": torch.tensor([[1, grid, grid]] * batch_size, device=device)}
+
+
+@torch.no_grad()
+def time_prefill_and_decode(model, batch, decode_steps):
+    """(prefill seconds, seconds per decoded token) of one round of the calls rollout.sample makes."""
+    from rollout import prompt_positions
+    from transformers import DynamicCache
+    sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
+    positions, next_position = prompt_positions(model, batch)
+    cache = DynamicCache(config=model.config.get_text_config())
+    sync()
+    start = time.perf_counter()
+    logits = model(**batch, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    sync()
+    prefill = time.perf_counter() - start
+    mask = batch["attention_mask"]
+    start = time.perf_counter()
+    for _ in range(decode_steps):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = model(input_ids=token, attention_mask=mask, position_ids=next_position.view(1, -1, 1).expand(3, -1, -1),
+                       past_key_values=cache, use_cache=True).logits
+        next_position = next_position + 1
+    sync()
+    return prefill, (time.perf_counter() - start) / decode_steps
+
+
+def bench_cue_recovery(args, device):
+    """The plain model and a copy with the module, timed in alternating rounds (medians), so that
+    clock and cache drift fall on both alike."""
+    import copy
+    import cue_recovery
+    from model import load_model, tiny_processor
+    processor = tiny_processor()
+    if args.sink_model == "2b":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        plain = qwen3_vl_2b_shaped(processor.tokenizer).to(device=device, dtype=dtype)
+        grid = args.grid
+    else:
+        plain, _ = load_model(args.sink_model, device=device)
+        grid = 6                                                   # the tiny world's 96x96 images
+    plain.eval()
+    with_module = copy.deepcopy(plain)
+    cue_recovery.attach(with_module, processor, init="default")    # non-zero W_O: the module does its full work
+    batch = synthetic_prompts(plain, processor.tokenizer, args.batch, grid, text_tokens=32, device=device)
+    rounds = {"plain": [], "module": []}
+    for round_ in range(max(args.repeats, 5) + 1):                 # the first round warms up
+        for name, model in (("plain", plain), ("module", with_module)):
+            timing = time_prefill_and_decode(model, batch, args.decode_steps)
+            if round_:
+                rounds[name].append(timing)
+    (a_prefill, a_decode), (b_prefill, b_decode) = [[statistics.median(t[i] for t in rounds[name]) for i in (0, 1)]
+                                                    for name in ("plain", "module")]
+    count, share = cue_recovery.parameter_count(with_module)
+    print(f"device {device}; model {args.sink_model} ({plain.dtype}); batch {args.batch}, "
+          f"{batch['input_ids'].shape[1]} prompt tokens of which {(grid // 2) ** 2} visual; module after layers "
+          f"{cue_recovery.get(with_module).layers}: {count / 1e6:.2f} M parameters ({100 * share:.1f}% of the model); "
+          f"median of {len(rounds['plain'])} alternating rounds")
+    print(f"{'':<10} {'plain':>10} {'+ module':>10} {'ratio':>7}")
+    for name, a, b in (("prefill", a_prefill, b_prefill), ("decode/tok", a_decode, b_decode)):
+        print(f"{name:<10} {1000 * a:>8.2f}ms {1000 * b:>8.2f}ms {b / a:>7.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -126,11 +221,18 @@ def main():
     parser.add_argument("--top_m", type=int, default=100, help="M of the teacher's top-M log-probs")
     parser.add_argument("--chunk_size", type=int, default=None, help="rows per chunk (default: ours)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (median)")
+    parser.add_argument("--sink", action="store_true", help="time the cue recovery module instead")
+    parser.add_argument("--sink_model", default="tiny", help="tiny | tiny-large | 2b (random, Qwen3-VL-2B shapes)")
+    parser.add_argument("--grid", type=int, default=32, help="2b: patches per image side (32 -> 256 visual tokens)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--decode_steps", type=int, default=32)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    if args.sink:
+        return bench_cue_recovery(args, device)
 
-    _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4).sum(), device)
+    _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4, device=device).sum(), device)
     print(f"device {device}; memory check: a 1 GiB tensor reads as {one_gib / GiB:.3f} GiB")
 
     student = (torch.randn(args.tokens, args.vocab, device=device) * 2).requires_grad_()  # (N, V) fp32

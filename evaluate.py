@@ -19,7 +19,7 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from data import FAMILIES, OUT_OF_DOMAIN, collate, eval_world, load_jsonl, student_messages
+from data import FAMILIES, OUT_OF_DOMAIN, collate, eval_world, load_jsonl, student_messages, to_device
 from rollout import sample
 
 
@@ -229,7 +229,7 @@ def evaluate(model, processor, samples, batch_size=64, max_new_tokens=96, messag
     records = []
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress, leave=False):
         chunk = samples[start:start + batch_size]
-        batch = collate(processor, [messages_fn(s) for s in chunk])
+        batch = to_device(collate(processor, [messages_fn(s) for s in chunk]), model.device)
         rollout = sample(model, processor, batch, greedy=True, max_new_tokens=max_new_tokens)
         for s, text in zip(chunk, rollout.texts):
             records.append({"id": s.id, "task": s.task, "prediction": text, "gold": s.answer,
@@ -260,24 +260,37 @@ def format_table(columns):
 
 
 def main(argv):
-    from model import load_model  # evaluate.py as a script; the library part needs no model loading
+    import cue_recovery               # evaluate.py as a script; the library part needs no model loading
+    from model import load_model
     args = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
-    known = {"ckpt", "data", "num_eval", "seed", "batch_size", "max_new_tokens", "out"}
+    known = {"ckpt", "data", "num_eval", "seed", "batch_size", "max_new_tokens", "out", "heatmaps", "device"}
     if "ckpt" not in args or set(args) - known or len(args) != len(argv):
         sys.exit(f"usage: python evaluate.py --ckpt=DIR [--data=FILE.jsonl] [--num_eval=N] [--seed=S] "
-                 f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json]; got {argv}")
-    model, processor = load_model(args["ckpt"])
+                 f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json] [--heatmaps=N] [--device=D]; got {argv}")
+    model, processor = load_model(args["ckpt"], device=args.get("device", "cpu"))
     if "data" in args:
         samples, _ = load_jsonl(args["data"])
     else:
         samples = eval_world(int(args.get("num_eval", 350)), seed=int(args.get("seed", 0)))
-    results = evaluate(model, processor, samples, batch_size=int(args.get("batch_size", 64)),
+    batch_size = int(args.get("batch_size", 64))
+    results = evaluate(model, processor, samples, batch_size=batch_size,
                        max_new_tokens=int(args.get("max_new_tokens", 96)))
     print(format_table({"student (image + question)": results}))
+    results = {k: v for k, v in results.items() if k != "records"}
+    if cue_recovery.get(model) is not None and any(s.boxes for s in samples):
+        results["cue_recall"] = cue_recovery.evaluation_cue_recall(model, processor, samples, batch_size)
+        print(f"cue recall (the sink's attention inside the cue boxes): {100 * results['cue_recall']['recall']:.1f}%; "
+              f"the boxes cover {100 * results['cue_recall']['box_area_share']:.1f}% of the image")
     out = args.get("out", os.path.join(args["ckpt"], "eval.json"))
     with open(out, "w") as f:
-        json.dump({k: v for k, v in results.items() if k != "records"}, f, indent=2)
+        json.dump(results, f, indent=2)
     print(f"wrote {out}")
+    if int(args.get("heatmaps", 0)) > 0:
+        if cue_recovery.get(model) is None:
+            sys.exit(f"--heatmaps: {args['ckpt']} has no cue recovery module (train it with --mode=vicur)")
+        folder = os.path.join(os.path.dirname(out) or ".", "heatmaps")  # the embedded world: families in turn
+        paths = cue_recovery.write_heatmaps(model, processor, samples[:int(args["heatmaps"])], folder)
+        print(f"wrote {len(paths)} heat maps to {folder}/")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrained
                           Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                           Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
+import cue_recovery
 from data import IMAGE_SIZE, world_vocabulary
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -96,7 +97,8 @@ def patch_embed_as_matmul(model):
 
 def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
     """(model, processor). 'tiny' / 'tiny-large' build the embedded model with random weights
-    (seeded); anything else goes to transformers' from_pretrained (a hub id or a local directory)."""
+    (seeded); anything else goes to transformers' from_pretrained (a hub id or a local directory).
+    A directory saved from a ViCuR student comes back with its cue recovery module attached."""
     if name_or_path in TINY_SIZES:
         processor = tiny_processor()
         torch.manual_seed(seed)
@@ -111,6 +113,7 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
         processor = AutoProcessor.from_pretrained(name_or_path)
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+        cue_recovery.maybe_attach_from(model, os.path.expanduser(name_or_path))  # a ViCuR checkpoint's module
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return patch_embed_as_matmul(model).to(device), processor
 

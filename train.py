@@ -1,12 +1,13 @@
 """Training: config + CLI, manual data parallel, the loop, checkpoints, logs and the report.
 
-    python train.py                                  # the embedded default: SFT, then evaluation
-    python train.py --max_steps=50 --out_dir=out/x   # any Config field as --key=value
+    python train.py                                  # the embedded default: SFT, then ViCuR, then evaluation
+    python train.py --mode=sft --out_dir=out/sft     # any Config field as --key=value
     torchrun --nproc_per_node=2 train.py             # data parallel (gloo on CPU, nccl on GPU)
 
 A run writes into out_dir: config.json, log.jsonl (one line of metrics per step),
 ckpt/ (model + processor, save_pretrained; training state in ckpt/train_state.pt),
-eval.json and report.md.
+eval.json and report.md. A distillation mode started from a tiny (random) student without
+--init_from first runs an SFT stage into out_dir/sft, and reuses it when it is complete.
 """
 
 import copy
@@ -26,18 +27,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cue_recovery
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device)
 from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, privilege_gap,
                      rollout_completions, scoring_batch, teacher_logits, teacher_messages, token_logprobs)
 from evaluate import evaluate, format_table, score
-from model import load_model, num_parameters
+from model import TINY_SIZES, load_model, num_parameters
 from rollout import sample
 
 
 @dataclass
 class Config:
-    mode: str = "sft"                # sft | opd (stronger teacher) | opsd (self teacher + answer hint)
+    mode: str = "vicur"              # sft | opd (stronger teacher) | opsd (self teacher + answer hint)
+                                     # | vicur (self teacher + cue hint, student with the cue recovery module)
     student: str = "tiny"            # 'tiny', 'tiny-large', a transformers id or a local checkpoint directory
     init_from: str = ""              # start from this checkpoint directory instead of `student`
     data: str = ""                   # a JSONL file (data.py format); empty = the embedded world
@@ -71,6 +74,12 @@ class Config:
     temperature: float = 1.0         # sampling temperature of the rollouts
     ppo_epochs: int = 1              # updates per batch of rollouts (ratio = 1 on the first)
     clip_eps: float = 0.2
+    # ViCuR: the student's sink-token cue recovery module (cue_recovery.py)
+    cue_recovery: bool = True        # vicur mode: attach it (false = the cue hint without the module)
+    sink_every: int = 0              # a module after every sink_every-th layer; 0 = 5 on >= 10 layers, else 1
+    cue_init: str = "zero"           # zero: W_O = 0, an exact no-op at the start | default: nn.Linear's init
+    # the SFT stage before distilling a tiny (random) student without --init_from
+    sft_steps: int = 2400
     # SFT: the share of samples shown with privileged context, and of scene descriptions
     sft_cue_frac: float = 0.25
     sft_answer_frac: float = 0.1
@@ -82,8 +91,13 @@ class Config:
 
 PRESETS = {
     # name: overrides; a preset is a plain dict applied before the command line
-    "smoke": {"max_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
+    "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
 }
+# where a distillation mode's defaults differ from the Config defaults (which are SFT's)
+DISTILL_DEFAULTS = {"max_steps": 150, "lr": 2e-4, "warmup_steps": 10}
+# the fields that only distillation reads: reset to their defaults for the SFT stage
+DISTILL_FIELDS = ["teacher", "privilege", "loss", "beta", "top_k", "num_rollouts", "temperature", "ppo_epochs",
+                  "clip_eps", "cue_recovery", "sink_every", "cue_init", "sft_steps"]
 
 
 def parse_args(argv):
@@ -111,12 +125,14 @@ def parse_args(argv):
                 overrides[key] = kind(value)
         except ValueError:
             raise SystemExit(f"error: --{key} expects a {kind.__name__}, got '{value}'") from None
+    if overrides.get("mode", Config.mode) in DISTILL_MODES:
+        overrides = {**DISTILL_DEFAULTS, **overrides}
     return Config(**overrides)
 
 
 # ----------------------------------------------------------------------------- distributed
 
-MODE_PRIVILEGE = {"opd": "none", "opsd": "answer"}
+MODE_PRIVILEGE = {"opd": "none", "opsd": "answer", "vicur": "cues"}
 DISTILL_MODES = list(MODE_PRIVILEGE)
 
 
@@ -262,8 +278,21 @@ def load_teacher(config, student, processor):
         teacher, teacher_processor = load_model(config.teacher, dtype=getattr(torch, config.dtype),
                                                 device=config.device)
         check_same_tokenizer(processor, teacher_processor, config.teacher)
+    if config.teacher == "self" and cue_recovery.get(teacher) is not None:
+        raise SystemExit(f"error: the self teacher is the plain starting model, but {config.init_from} carries a "
+                         f"cue recovery module; start from a checkpoint without one")
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def attach_cue_recovery(model, processor, config):
+    """vicur mode: give the student its sink-token module (once; a resumed checkpoint has it)."""
+    if config.mode != "vicur" or not config.cue_recovery or cue_recovery.get(model) is not None:
+        return
+    cue_recovery.attach(model, processor, sink_every=config.sink_every or None, init=config.cue_init)
+    count, share = cue_recovery.parameter_count(model)
+    print(f"cue recovery: modules after layers {cue_recovery.get(model).layers}, {count / 1e6:.3f} M parameters "
+          f"({100 * share:.1f}% of the student), W_O init '{config.cue_init}'")
 
 
 def distill_step(student, teacher, optimizer, processor, samples, step, rank, world_size, config, times):
@@ -359,6 +388,7 @@ def save_checkpoint(model, processor, optimizer, step, config):
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    cue_recovery.save(model, tmp)  # the sink module's weights and layers, when the model has one
     processor.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(config),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
@@ -404,8 +434,44 @@ def run_evaluation(model, processor, eval_samples, config, privileged=True):
     return columns
 
 
+def recall_line(recall):
+    per_layer = ", ".join(f"layer {layer}: {100 * r:.1f}%" for layer, r in zip(recall["layers"], recall["per_layer"]))
+    return (f"cue recall (the sink's attention inside the cue boxes): {100 * recall['recall']:.1f}% "
+            f"({per_layer}); the boxes cover {100 * recall['box_area_share']:.1f}% of the image")
+
+
 def strip_records(results):
     return {k: v for k, v in results.items() if k != "records"}
+
+
+def saved_run(ckpt):
+    """(step, config dict) of a checkpoint's train_state.pt, or (None, None)."""
+    path = os.path.join(ckpt, "train_state.pt")
+    if not os.path.isfile(path):
+        return None, None
+    state = torch.load(path, weights_only=False)
+    return state["step"], state["config"]
+
+
+def sft_stage(config, rank, world_size):
+    """A tiny student starts from random weights, so a distillation mode without --init_from first
+    runs SFT into out_dir/sft -> that checkpoint. A complete SFT run there with the same settings
+    is reused; an incomplete one is continued under --resume."""
+    defaults = Config()
+    sft = dataclasses.replace(config, mode="sft", out_dir=os.path.join(config.out_dir, "sft"),
+                              max_steps=config.sft_steps, lr=defaults.lr, warmup_steps=defaults.warmup_steps,
+                              **{key: getattr(defaults, key) for key in DISTILL_FIELDS})
+    ckpt = os.path.join(sft.out_dir, "ckpt")
+    step, saved = saved_run(ckpt)
+    same = saved is not None and {**saved, "resume": False} == dataclasses.asdict(dataclasses.replace(sft, resume=False))
+    if same and step == sft.max_steps:
+        if rank == 0:
+            print(f"SFT stage: reusing the complete run in {ckpt} ({step} steps)")
+        return ckpt
+    if rank == 0:
+        print(f"SFT stage: {sft.max_steps} steps into {sft.out_dir}, then {config.mode}")
+    train(dataclasses.replace(sft, resume=config.resume and same), rank, world_size)
+    return ckpt
 
 
 def main(argv):
@@ -416,6 +482,19 @@ def main(argv):
         raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
                          f"--max_length={config.max_length}")
     rank, world_size = init_distributed(config)
+    if config.mode in DISTILL_MODES and not config.init_from and config.student in TINY_SIZES:
+        config = dataclasses.replace(config, init_from=sft_stage(config, rank, world_size))
+        if world_size > 1:
+            dist.barrier()  # rank 0 wrote the SFT checkpoint
+        if config.resume and not os.path.isdir(os.path.join(config.out_dir, "ckpt")):
+            config = dataclasses.replace(config, resume=False)  # the interruption came during the SFT stage
+    train(config, rank, world_size)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def train(config, rank, world_size):
+    """One run of one mode: load, (distill from a teacher or SFT), save, evaluate, report."""
     torch.manual_seed(config.seed)
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
@@ -428,6 +507,9 @@ def main(argv):
     source = resume_dir if config.resume else (config.init_from or config.student)
     model, processor = load_model(source, dtype=getattr(torch, config.dtype), seed=config.seed, device=config.device)
     samples, eval_samples = training_samples(config, rank)
+    # the self teacher is a copy of the student as it starts, taken before the student gets its module
+    teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
+    attach_cue_recovery(model, processor, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     step = load_train_state(config, optimizer) if config.resume else 0
@@ -438,9 +520,8 @@ def main(argv):
             json.dump(dataclasses.asdict(config), f, indent=2)
         print(f"{config.mode}: student {source} ({num_parameters(model) / 1e6:.2f} M parameters), "
               f"{len(samples)} training samples, world size {world_size}, out_dir {config.out_dir}")
-    log_file = open(os.path.join(config.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    log_file = open(os.path.join(config.out_dir, "log.jsonl"), "a" if config.resume else "w") if rank == 0 else None
 
-    teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
     if rank == 0 and teacher is not None:
         privilege = config.privilege or MODE_PRIVILEGE[config.mode]
         print(f"teacher: {config.teacher} ({num_parameters(teacher) / 1e6:.2f} M parameters), privilege "
@@ -494,10 +575,14 @@ def main(argv):
         table = format_table(columns)
         student = columns[STUDENT]
         print(table)
+        recall = None
+        if cue_recovery.get(model) is not None:
+            recall = cue_recovery.evaluation_cue_recall(model, processor, eval_samples, config.eval_batch_size)
+            print(recall_line(recall))
         with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
             json.dump({**strip_records(student),
-                       "diagnostics": {name: strip_records(r) for name, r in columns.items() if name != STUDENT}},
-                      f, indent=2)
+                       "diagnostics": {name: strip_records(r) for name, r in columns.items() if name != STUDENT},
+                       **({"cue_recall": recall} if recall else {})}, f, indent=2)
         with open(os.path.join(config.out_dir, "predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in student["records"])
         total_time = time.time() - start_time
@@ -510,7 +595,7 @@ def main(argv):
         print(f"done in {total_time / 60:.1f} min; wrote {config.out_dir}/report.md, eval.json, ckpt/")
         log_file.close()
     if world_size > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # the other ranks wait for rank 0's checkpoint and evaluation
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_learning_rate_schedule():
     assert train.learning_rate(110, config) == pytest.approx(0.1)
 
 
-SHORT_RUN = ["--max_steps=40", "--num_train=300", "--num_eval=14", "--batch_size=8", "--warmup_steps=5",
+SHORT_RUN = ["--mode=sft", "--max_steps=40", "--num_train=300", "--num_eval=14", "--batch_size=8", "--warmup_steps=5",
              "--save_every=20", "--max_new_tokens=24", "--lr=2e-3"]
 
 
@@ -108,7 +108,7 @@ def test_resume_gives_the_same_steps_as_a_run_that_never_stopped(tmp_path, monke
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--resume=true but .* does not exist"):
-        train.main(["--resume=true", f"--out_dir={tmp_path}"])
+        train.main(["--mode=sft", "--resume=true", f"--out_dir={tmp_path}"])
 
 
 def test_evaluate_cli_scores_a_checkpoint(short_run, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_training_on_jsonl_files_goes_through_the_real_loader(tmp_path):
     import data
     data.main([f"--out={tmp_path / 'world'}", "--num_train=40", "--num_eval=7"])
     out_dir = tmp_path / "run"
-    train.main([f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--eval_data={tmp_path / 'world' / 'eval.jsonl'}",
+    train.main(["--mode=sft", f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--eval_data={tmp_path / 'world' / 'eval.jsonl'}",
                 "--max_steps=2", "--batch_size=4", "--max_new_tokens=8", f"--out_dir={out_dir}"])
     results = json.load(open(out_dir / "eval.json"))
     assert sum(results["counts"].values()) == 7 and len(results["per_family"]) == 7
@@ -158,9 +158,15 @@ DISTILL_METRICS = {"loss", "log_ratio", "clip_frac", "student_entropy", "teacher
     ["--mode=opsd", "--num_rollouts=2", "--ppo_epochs=2"],                      # the paper's loss, PPO epochs
     ["--mode=opsd", "--privilege=cues", "--loss=topk_jsd", "--top_k=5"],         # a full divergence
     ["--mode=opd", "--teacher=tiny-large", "--loss=jsd", "--beta=0.3"],          # another model as teacher
+    # the paper's component ablation, one flag each: the cue hint without the module, the module with the
+    # answer hint, both (full ViCuR); the answer hint alone is the first case (opsd); and OPD + ViCuR
+    ["--mode=vicur", "--cue_recovery=false"],
+    ["--mode=vicur", "--privilege=answer"],
+    ["--mode=vicur"],
+    ["--mode=vicur", "--teacher=tiny-large"],
 ])
 def test_distillation_modes_run_end_to_end(flags, tmp_path):
-    train.main(flags + ["--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
+    train.main(flags + ["--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
                         "--warmup_steps=1", f"--out_dir={tmp_path}"])
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     log = [r for r in records if "loss" in r]
@@ -171,3 +177,23 @@ def test_distillation_modes_run_end_to_end(flags, tmp_path):
     assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
     if "--mode=opd" in flags:
         assert all(r["privilege_gap"] == 0 for r in log)
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["init_from"] == str(tmp_path / "sft" / "ckpt")                  # the SFT stage ran first
+    with_module = config["mode"] == "vicur" and config["cue_recovery"]
+    assert os.path.exists(tmp_path / "ckpt" / "cue_recovery.pt") == with_module
+    assert ("cue_recall" in json.load(open(tmp_path / "eval.json"))) == with_module
+
+
+def test_the_default_pipeline_reuses_a_complete_sft_stage(tmp_path, capsys):
+    """A distillation mode from a tiny student runs SFT first; a second run reuses it, a changed
+    SFT setting runs it again."""
+    assert train.parse_args([]).mode == "vicur" and train.parse_args([]).lr == train.DISTILL_DEFAULTS["lr"]
+    assert train.parse_args(["--mode=sft"]).lr == train.Config.lr
+    flags = ["--sft_steps=2", "--max_steps=1", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
+             "--warmup_steps=1", f"--out_dir={tmp_path}"]
+    train.main(flags)
+    assert "SFT stage: 2 steps" in capsys.readouterr().out
+    train.main(flags)
+    assert "SFT stage: reusing the complete run" in capsys.readouterr().out
+    train.main(flags + ["--sft_describe_frac=0.5"])
+    assert "SFT stage: 2 steps" in capsys.readouterr().out
