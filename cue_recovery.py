@@ -254,25 +254,31 @@ def evaluation_cue_recall(model, processor, samples, batch_size=64):
         areas.append(area)
     per_layer = torch.cat(recalls).mean(0)
     return {"layers": get(model).layers, "per_layer": per_layer.tolist(), "recall": per_layer.mean().item(),
-            "box_area_share": torch.stack(areas).mean().item()}
+            "box_area_share": torch.cat(areas).mean().item()}
 
 
 def heatmap(image, weights, boxes, grid_hw, layers, scale=3):
-    """One panel per module layer: the image, the sink's attention over its merged visual tokens as a
-    red overlay (opacity proportional to the weight, the largest weight opaque), the cue boxes in green.
+    """One panel per module layer: the image darkened where the sink does not look (the token with the
+    largest weight is left as drawn), each token's share of the attention in %, the cue boxes in green.
     weights (num_modules, N) for this image's N = grid_h * grid_w tokens; grid_hw in merged tokens."""
     grid_h, grid_w = grid_hw
     width, height = image.width * scale, image.height * scale
+    cell_w, cell_h = width / grid_w, height / grid_h
     base = image.convert("RGB").resize((width, height), Image.NEAREST)
     panels = []
     for layer, w in zip(layers, weights):
-        w = (w[:grid_h * grid_w] / w.max().clamp_min(1e-12)).view(grid_h, grid_w)
-        alpha = Image.fromarray((w * 180).byte().numpy(), mode="L").resize((width, height), Image.NEAREST)
-        panel = Image.composite(Image.new("RGB", (width, height), (220, 0, 0)), base, alpha)
+        w = w[:grid_h * grid_w].view(grid_h, grid_w)
+        shade = ((1 - w / w.max().clamp_min(1e-12)) * 200).byte().numpy()  # 0 where it looks most
+        alpha = Image.fromarray(shade, mode="L").resize((width, height), Image.NEAREST)
+        panel = Image.composite(Image.new("RGB", (width, height), (0, 0, 0)), base, alpha)
         draw = ImageDraw.Draw(panel)
         for x0, y0, x1, y1 in boxes:
-            draw.rectangle([x0 * scale, y0 * scale, x1 * scale, y1 * scale], outline=(0, 160, 0), width=2)
-        draw.text((4, 2), f"after layer {layer}", fill=(0, 0, 0))
+            draw.rectangle([x0 * scale, y0 * scale, x1 * scale, y1 * scale], outline=(0, 200, 0), width=2)
+        for row in range(grid_h):
+            for col in range(grid_w):
+                draw.text((col * cell_w + 3, row * cell_h + 2), f"{100 * w[row, col]:.0f}%", fill=(255, 255, 0),
+                          stroke_width=1, stroke_fill=(0, 0, 0))
+        draw.text((3, height - 12), f"after layer {layer}", fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
         panels.append(panel)
     sheet = Image.new("RGB", (len(panels) * (width + 4), height), (255, 255, 255))
     for i, panel in enumerate(panels):

@@ -282,6 +282,7 @@ def main(argv):
         print(f"cue recall (the sink's attention inside the cue boxes): {100 * results['cue_recall']['recall']:.1f}%; "
               f"the boxes cover {100 * results['cue_recall']['box_area_share']:.1f}% of the image")
     out = args.get("out", os.path.join(args["ckpt"], "eval.json"))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {out}")

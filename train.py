@@ -30,8 +30,9 @@ from tqdm import tqdm
 import cue_recovery
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device)
-from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, privilege_gap,
-                     rollout_completions, scoring_batch, teacher_logits, teacher_messages, token_logprobs)
+from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, hint_text,
+                     privilege_gap, rollout_completions, scoring_batch, teacher_logits, teacher_messages,
+                     token_logprobs)
 from evaluate import evaluate, format_table, score
 from model import TINY_SIZES, load_model, num_parameters
 from rollout import sample
@@ -79,7 +80,7 @@ class Config:
     sink_every: int = 0              # a module after every sink_every-th layer; 0 = 5 on >= 10 layers, else 1
     cue_init: str = "zero"           # zero: W_O = 0, an exact no-op at the start | default: nn.Linear's init
     # the SFT stage before distilling a tiny (random) student without --init_from
-    sft_steps: int = 2400
+    sft_steps: int = 1600
     # SFT: the share of samples shown with privileged context, and of scene descriptions
     sft_cue_frac: float = 0.25
     sft_answer_frac: float = 0.1
@@ -94,7 +95,7 @@ PRESETS = {
     "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
 }
 # where a distillation mode's defaults differ from the Config defaults (which are SFT's)
-DISTILL_DEFAULTS = {"max_steps": 150, "lr": 2e-4, "warmup_steps": 10}
+DISTILL_DEFAULTS = {"max_steps": 120, "lr": 2e-4, "warmup_steps": 10}
 # the fields that only distillation reads: reset to their defaults for the SFT stage
 DISTILL_FIELDS = ["teacher", "privilege", "loss", "beta", "top_k", "num_rollouts", "temperature", "ppo_epochs",
                   "clip_eps", "cue_recovery", "sink_every", "cue_init", "sft_steps"]
@@ -526,6 +527,10 @@ def train(config, rank, world_size):
         privilege = config.privilege or MODE_PRIVILEGE[config.mode]
         print(f"teacher: {config.teacher} ({num_parameters(teacher) / 1e6:.2f} M parameters), privilege "
               f"'{privilege}', loss {config.loss}")
+        lacking = sum(hint_text(s, privilege) is None for s in samples) if privilege != "none" else 0
+        if lacking:
+            print(f"note: {lacking} of {len(samples)} training samples have no {privilege}; "
+                  f"for them the teacher sees the student's prompt")
         probe = samples[:64]
         probe_before = probe_log_ratio(model, teacher, processor, probe, config)
         print(f"probe log-ratio (student greedy answers to {len(probe)} training prompts) before: {probe_before:.4f}")
@@ -567,21 +572,26 @@ def train(config, rank, world_size):
 
     if rank == 0:
         save_checkpoint(model, processor, optimizer, config.max_steps, config)
+        notes = []
         if teacher is not None:
             probe_after = probe_log_ratio(model, teacher, processor, probe, config)
-            print(f"probe log-ratio before: {probe_before:.4f}, after: {probe_after:.4f}")
+            notes.append(f"probe log-ratio before: {probe_before:.4f}, after: {probe_after:.4f}")
             log_file.write(json.dumps({"step": config.max_steps, "probe_log_ratio": probe_after}) + "\n")
         columns = run_evaluation(model, processor, eval_samples, config)
-        table = format_table(columns)
         student = columns[STUDENT]
-        print(table)
+        before_file = os.path.join(config.out_dir, "eval_before.json")
+        if teacher is not None and os.path.exists(before_file):  # the same samples, before distillation
+            columns = {"student before distillation": json.load(open(before_file)), **columns}
+        table = format_table(columns)
         recall = None
         if cue_recovery.get(model) is not None:
             recall = cue_recovery.evaluation_cue_recall(model, processor, eval_samples, config.eval_batch_size)
-            print(recall_line(recall))
+            notes.append(recall_line(recall))
+        print(table + "".join("\n" + note for note in notes))
         with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
             json.dump({**strip_records(student),
-                       "diagnostics": {name: strip_records(r) for name, r in columns.items() if name != STUDENT},
+                       "diagnostics": {name: strip_records(r) for name, r in columns.items()
+                                       if name.startswith("diagnostic")},
                        **({"cue_recall": recall} if recall else {})}, f, indent=2)
         with open(os.path.join(config.out_dir, "predictions.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in student["records"])
@@ -591,7 +601,7 @@ def train(config, rank, world_size):
                     f"{config.max_steps} steps x {config.batch_size * config.grad_accum * world_size} samples; "
                     f"world size {world_size}\n\ntraining {train_time / 60:.1f} min, total {total_time / 60:.1f} min\n\n"
                     f"## Evaluation (accuracy, %)\n\n{table}\n\nThe diagnostic column gives the same model the "
-                    f"cue hint in its prompt; it is never a student number.\n")
+                    f"cue hint in its prompt; it is never a student number.\n\n" + "".join(f"{n}\n\n" for n in notes))
         print(f"done in {total_time / 60:.1f} min; wrote {config.out_dir}/report.md, eval.json, ckpt/")
         log_file.close()
     if world_size > 1:

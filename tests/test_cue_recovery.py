@@ -268,6 +268,10 @@ def test_evaluate_cli_writes_heat_maps_and_cue_recall(tiny, tmp_path, capsys):
                    f"--out={tmp_path / 'eval.json'}"])
     recall = json.load(open(tmp_path / "eval.json"))["cue_recall"]
     assert len(recall["per_layer"]) == len(recall["layers"]) == 3 and 0 < recall["box_area_share"] < 1
+    model, processor = load_model(str(tmp_path / "ckpt"))
+    in_batches_of_3 = cue_recovery.evaluation_cue_recall(model, processor, eval_world(7), batch_size=3)
+    assert in_batches_of_3["per_layer"] == pytest.approx(recall["per_layer"], abs=1e-6)
+    assert in_batches_of_3["box_area_share"] == pytest.approx(recall["box_area_share"])
     pictures = sorted((tmp_path / "heatmaps").glob("*.png"))
     assert len(pictures) == 2 and "wrote 2 heat maps" in capsys.readouterr().out
     width, height = Image.open(pictures[0]).size

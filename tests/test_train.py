@@ -197,3 +197,32 @@ def test_the_default_pipeline_reuses_a_complete_sft_stage(tmp_path, capsys):
     assert "SFT stage: reusing the complete run" in capsys.readouterr().out
     train.main(flags + ["--sft_describe_frac=0.5"])
     assert "SFT stage: 2 steps" in capsys.readouterr().out
+
+
+def test_a_vicur_run_resumes_like_one_that_never_stopped(tiny, tmp_path, monkeypatch):
+    """The module is saved with the checkpoint and restored on --resume; the self teacher is
+    reloaded from --init_from (without a module): steps after the crash match the unbroken run."""
+    model, processor = tiny
+    start = tmp_path / "start"
+    model.save_pretrained(start)
+    processor.save_pretrained(start)
+    common = ["--mode=vicur", f"--init_from={start}", "--max_steps=4", "--save_every=2", "--batch_size=2",
+              "--max_new_tokens=8", "--num_eval=7", "--num_train=50", "--warmup_steps=1", "--cue_init=default"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train.main(common + [f"--out_dir={full}"])
+    save = train.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise Crash()
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train.main(common + [f"--out_dir={broken}"])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(common + [f"--out_dir={broken}", "--resume=true"])
+    full_log = [r for r in read_log(full) if "loss" in r]
+    broken_log = [r for r in read_log(broken) if "loss" in r]
+    assert [r["step"] for r in broken_log] == [1, 2, 3, 4]
+    assert [r["loss"] for r in broken_log[2:]] == pytest.approx([r["loss"] for r in full_log[2:]], rel=1e-5)
+    recalls = [json.load(open(folder / "eval.json"))["cue_recall"]["recall"] for folder in (full, broken)]
+    assert recalls[0] == pytest.approx(recalls[1], rel=1e-5)
