@@ -15,7 +15,7 @@ import torch
 
 from data import collate, model_inputs, student_messages, to_device, user_message
 
-PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops"]
+PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops", "hints"]
 
 
 def hint_text(sample, privilege):
@@ -26,7 +26,27 @@ def hint_text(sample, privilege):
         return sample.rationale
     if privilege in ("cues", "cues+crops"):
         return sample.cue
+    if privilege == "hints":
+        return tutoring_hint(sample)
     return None
+
+
+def tutoring_hint(sample):
+    """PTD-PO's hint: where to look (the cue, or the boxes in pixels) and the first reasoning steps:
+    the rationale's sentences up to, not including, the first that states the answer as a word or
+    concludes ('so the answer is ...'), and never more than half of them. None without either part."""
+    where = sample.cue or (" ".join(f"[{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]" for x0, y0, x1, y1 in sample.boxes)
+                           if sample.boxes else None)
+    steps = []
+    if sample.rationale:
+        sentences = [t.strip() for t in sample.rationale.split(" . ") if t.strip()]
+        answer = sample.answer.lower()
+        for sentence in sentences[:len(sentences) // 2]:
+            if sentence.startswith("so the answer") or answer in sentence.lower().split():
+                break
+            steps.append(sentence)
+    parts = ([f"look at : {where}"] if where else []) + ([" . ".join(steps)] if steps else [])
+    return " . ".join(parts) if parts else None
 
 
 def teacher_messages(sample, privilege):
@@ -240,7 +260,9 @@ def divergence(student_logits, teacher_logits, kind, beta=0.5, top_k=None, tempe
         rkl       KL(p_S || p_T)
         jsd       beta KL(p_T || M) + (1 - beta) KL(p_S || M), M = (1 - beta) p_S + beta p_T
         topk_jsd  jsd over K+1 buckets: the student's top-K ids (K = top_k) + one tail bucket
-    stop_grad_weights: jsd/topk_jsd only; KL(p_S || M) = sum sg(p_S) (log p_S - log M).
+    stop_grad_weights: jsd/topk_jsd only; KL(p_S || M) = sum sg(p_S) (log p_S - log M). Beware: over
+        buckets that sum to one, the gradient is then -(1-beta) sum_v (beta p_T + (1-beta) p_S) / M grad p_S
+        = -(1-beta) grad sum_v p_S = 0: the value is the JSD's, the gradient is identically zero.
     chunk_size: rows per chunk (None: about 32 MiB of float32 per (rows, V) block on CPU,
         128 MiB on GPU).
     Returns (...) float32. Gradient flows to student_logits only, and backward can run
@@ -303,18 +325,20 @@ def sampled_token_loss(new_logprobs, old_logprobs, teacher_logprobs, completion_
     log_ratio = old_logprobs - teacher_logprobs  # d_t = log pi_old - log pi_T
     # A_t = -clamp(d_t); 0 off the completion, where padding may hold inf/nan
     advantage = torch.where(mask > 0, -log_ratio.clamp(-clamp, clamp), 0)
-    ratio = torch.exp(new_logprobs - old_logprobs)  # r_t = pi_new / pi_old
+    per_token, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps)
+    stats = {"log_ratio": masked_mean(log_ratio, mask).item(), "clip_frac": masked_mean(clip_active, mask).item()}
+    return masked_mean(per_token, mask), stats
+
+
+def clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps):
+    """Per token -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) with r_t = pi_new(y_t) / pi_old(y_t),
+    and where the clip binds (A > 0 and r > 1+eps, or A < 0 and r < 1-eps) as a float mask."""
+    ratio = torch.exp(new_logprobs - old_logprobs.detach())  # r_t = pi_new / pi_old
     unclipped = ratio * advantage  # r_t A_t
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage  # clip(r_t) A_t
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)  # -E_t min(r A, clip(r) A)
     with torch.no_grad():
-        # the clip binds when it lowers the objective: A > 0 and r > 1+eps, or A < 0 and r < 1-eps
         clip_active = ((advantage > 0) & (ratio > 1 + clip_eps)) | ((advantage < 0) & (ratio < 1 - clip_eps))
-        stats = {
-            "log_ratio": masked_mean(log_ratio, mask).item(),
-            "clip_frac": masked_mean(clip_active.float(), mask).item(),
-        }
-    return loss, stats
+    return -torch.minimum(unclipped, clipped), clip_active.float()
 
 
 # ----------------------------------------------------------------------------- teacher scoring
@@ -399,3 +423,57 @@ def hint_leakage(samples, completions_text, privilege, n=3):
         novel = word_ngrams(hint, n) - word_ngrams(sample.question, n)
         leaked += "hint" in text.lower().split() or bool(novel & word_ngrams(text, n))
     return leaked / max(1, len(completions_text))
+
+
+# ----------------------------------------------------------------------------- PTD-PO (arXiv 2606.07000)
+#
+# GRPO on a verifiable reward, plus privileged tutoring: in a group of rollouts of one prompt
+# whose accuracy is below tau, the failed rollouts are pulled toward a frozen reference that
+# sees a hint (where to look + the first reasoning steps, never the answer), on their own
+# tokens, with the Top-K JSD. The student is always optimised in its hint-free context.
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps) over the group_size rollouts of each
+    prompt (rollouts of a prompt are consecutive); a group with one reward throughout gets A = 0."""
+    groups = rewards.float().view(-1, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).view(-1)
+
+
+def ptd_gate(rewards, group_size, tau=1.0, all_rollouts=False):
+    """(gated, tutored) boolean per rollout: a group is gated when its accuracy is below tau; in a
+    gated group the failed rollouts (all of them with all_rollouts) get the tutoring term."""
+    rewards = rewards.float()
+    gated = (rewards.view(-1, group_size).mean(1, keepdim=True) < tau).expand(-1, group_size).reshape(-1)
+    return gated, gated & ((rewards == 0) | all_rollouts)
+
+
+def ptdpo_loss(new_logprobs, old_logprobs, ref_logprobs, advantages, gated, tutored, student_logits, tutor_logits,
+               clip_eps=0.2, kl_coef=0.0, ptd_coef=0.05, top_k=100, beta=0.5, stop_grad_weights=False,
+               entropy_coef=0.0, temperature=1.0):
+    """PTD-PO's loss, a mean over all completion tokens; inputs flat over tokens (N,) except
+    advantages, gated, tutored, which are per token already (their rollout's), and tutor_logits,
+    which are (number of tutored tokens, V) in token order.
+
+        L_t = -min(r_t A, clip(r_t) A)                                   GRPO, A of the token's rollout
+              + kl_coef  * (exp(q_t) - q_t - 1), q_t = log pi_ref - log pi_theta   the k3 KL, groups not gated
+              + ptd_coef * TopK-JSD(p_theta, p_ref(. | x + hint))_t     tutored rollouts only
+              - entropy_coef * H(p_theta)_t                             tutored rollouts only (optional)
+    """
+    surrogate, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantages, clip_eps)
+    q = ref_logprobs.detach() - new_logprobs
+    kl = torch.exp(q) - q - 1                                           # k3 estimate of KL(pi_theta || pi_ref)
+    per_token = surrogate + kl_coef * torch.where(gated, 0, kl)
+    jsd = torch.zeros((), device=new_logprobs.device)
+    if tutored.any():
+        tutored_logits = student_logits[tutored]
+        jsd_tokens = divergence(tutored_logits, tutor_logits, "topk_jsd", beta=beta, top_k=top_k,
+                                temperature=temperature, stop_grad_weights=stop_grad_weights)
+        jsd = jsd_tokens.mean()
+        extra = ptd_coef * jsd_tokens
+        if entropy_coef:
+            log_p = torch.log_softmax(tutored_logits.float() / temperature, -1)   # (n, V): tutored tokens only
+            extra = extra + entropy_coef * (log_p.exp() * log_p).sum(-1)         # - entropy_coef * H
+        per_token = per_token.index_put((tutored.nonzero()[:, 0],), per_token[tutored] + extra)
+    stats = {"clip_frac": clip_active.mean().item(), "kl_ref": kl.detach().mean().item(), "ptd_jsd": jsd.item(),
+             "tutored_tokens": tutored.float().mean().item()}
+    return per_token.mean(), stats

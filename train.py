@@ -30,9 +30,9 @@ from tqdm import tqdm
 import cue_recovery
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device)
-from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, hint_text,
-                     privilege_gap, rollout_completions, scoring_batch, teacher_logits, teacher_messages,
-                     token_logprobs)
+from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, group_advantages, hint_leakage,
+                     hint_text, privilege_gap, ptd_gate, ptdpo_loss, rollout_completions, scoring_batch,
+                     teacher_logits, teacher_messages, token_logprobs)
 from evaluate import evaluate, format_table, score
 from model import TINY_SIZES, load_model, num_parameters
 from rollout import sample
@@ -42,6 +42,7 @@ from rollout import sample
 class Config:
     mode: str = "vicur"              # sft | opd (stronger teacher) | opsd (self teacher + answer hint)
                                      # | vicur (self teacher + cue hint, student with the cue recovery module)
+                                     # | ptdpo (GRPO + privileged tutoring of failed rollouts)
     student: str = "tiny"            # 'tiny', 'tiny-large', a transformers id or a local checkpoint directory
     init_from: str = ""              # start from this checkpoint directory instead of `student`
     data: str = ""                   # a JSONL file (data.py format); empty = the embedded world
@@ -79,6 +80,14 @@ class Config:
     cue_recovery: bool = True        # vicur mode: attach it (false = the cue hint without the module)
     sink_every: int = 0              # a module after every sink_every-th layer; 0 = 5 on >= 10 layers, else 1
     cue_init: str = "zero"           # zero: W_O = 0, an exact no-op at the start | default: nn.Linear's init
+    # PTD-PO: GRPO on the reward + Top-K JSD to the hint-conditioned reference on failed rollouts
+    kl_coef: float = 0.0             # k3 KL to the reference policy, in groups that are not tutored
+    ptd_coef: float = 0.05           # weight of the tutoring term (0: plain GRPO)
+    ptd_tau: float = 1.0             # a group with accuracy below tau is tutored (1.0: any failure)
+    ptd_all_rollouts: bool = False   # tutor every rollout of such a group, not only the failed ones
+    ptd_entropy_coef: float = 0.0    # entropy bonus on the tutored rollouts
+    ptd_stop_grad: bool = False      # no gradient through p_S where it weights KL(p_S || M): then the
+                                     # JSD's gradient is identically 0 (see distill.divergence), so off
     # the SFT stage before distilling a tiny (random) student without --init_from
     sft_steps: int = 1600
     # SFT: the share of samples shown with privileged context, and of scene descriptions
@@ -96,9 +105,11 @@ PRESETS = {
 }
 # where a distillation mode's defaults differ from the Config defaults (which are SFT's)
 DISTILL_DEFAULTS = {"max_steps": 120, "lr": 2e-4, "warmup_steps": 10}
+PTDPO_DEFAULTS = {"num_rollouts": 8, "batch_size": 4}  # groups of 8 rollouts, as in the paper
 # the fields that only distillation reads: reset to their defaults for the SFT stage
 DISTILL_FIELDS = ["teacher", "privilege", "loss", "beta", "top_k", "num_rollouts", "temperature", "ppo_epochs",
-                  "clip_eps", "cue_recovery", "sink_every", "cue_init", "sft_steps"]
+                  "clip_eps", "cue_recovery", "sink_every", "cue_init", "kl_coef", "ptd_coef", "ptd_tau",
+                  "ptd_all_rollouts", "ptd_entropy_coef", "ptd_stop_grad", "sft_steps"]
 
 
 def parse_args(argv):
@@ -128,12 +139,14 @@ def parse_args(argv):
             raise SystemExit(f"error: --{key} expects a {kind.__name__}, got '{value}'") from None
     if overrides.get("mode", Config.mode) in DISTILL_MODES:
         overrides = {**DISTILL_DEFAULTS, **overrides}
+    if overrides.get("mode", Config.mode) == "ptdpo":
+        overrides = {**PTDPO_DEFAULTS, **overrides}
     return Config(**overrides)
 
 
 # ----------------------------------------------------------------------------- distributed
 
-MODE_PRIVILEGE = {"opd": "none", "opsd": "answer", "vicur": "cues"}
+MODE_PRIVILEGE = {"opd": "none", "opsd": "answer", "vicur": "cues", "ptdpo": "hints"}
 DISTILL_MODES = list(MODE_PRIVILEGE)
 
 
@@ -315,40 +328,76 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                              max_new_tokens=config.max_new_tokens, generator=generator)
             completions = rollout_completions(rollout)
         with timed(times, "teacher"):
-            scored = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length)
-            gap = 0.0
-            if privilege != "none":
-                plain = teacher_logits(teacher, processor, rows, "none", completions, config.max_length)
-                gap = privilege_gap(scored, plain)
+            if config.mode == "ptdpo":
+                scored, tutoring = ptd_teacher(teacher, processor, rows, rollout, completions, privilege, config)
+                gap = privilege_gap(tutoring["tutor_logits"], scored[tutoring["tutored"]]) \
+                    if tutoring["tutored"].any() else 0.0
+            else:
+                scored, tutoring = teacher_logits(teacher, processor, rows, privilege, completions,
+                                                  config.max_length), None
+                gap = 0.0
+                if privilege != "none":
+                    plain = teacher_logits(teacher, processor, rows, "none", completions, config.max_length)
+                    gap = privilege_gap(scored, plain)
         student_batch = scoring_batch(processor, [student_messages(s) for s in rows], completions, config.max_length)
-        rollouts.append((rows, rollout, scored, gap, to_device(student_batch, config.device)))
+        rollouts.append((rows, rollout, scored, tutoring, gap, to_device(student_batch, config.device)))
 
     metrics = {}
     def add(name, value):
         metrics[name] = metrics.get(name, 0.0) + value / config.grad_accum
 
     for epoch in range(config.ppo_epochs):
-        for rows, rollout, scored, gap, student_batch in rollouts:
+        for rows, rollout, scored, tutoring, gap, student_batch in rollouts:
             with timed(times, "student"):
                 student_logits, tokens = completion_logits(student, student_batch)
                 old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
-                loss, stats = distill_loss(student_logits, tokens, old_logprobs, scored, config.loss,
-                                           beta=config.beta, top_k=config.top_k, temperature=config.temperature,
-                                           clip_eps=config.clip_eps)
+                if tutoring is None:
+                    loss, stats = distill_loss(student_logits, tokens, old_logprobs, scored, config.loss,
+                                               beta=config.beta, top_k=config.top_k, temperature=config.temperature,
+                                               clip_eps=config.clip_eps)
+                else:
+                    loss, stats = ptdpo_loss(
+                        token_logprobs(student_logits, tokens, config.temperature), old_logprobs,
+                        token_logprobs(scored, tokens, config.temperature), tutoring["advantages"],
+                        tutoring["gated"], tutoring["tutored"], student_logits, tutoring["tutor_logits"],
+                        clip_eps=config.clip_eps, kl_coef=config.kl_coef, ptd_coef=config.ptd_coef,
+                        top_k=config.top_k, beta=config.beta, stop_grad_weights=config.ptd_stop_grad,
+                        entropy_coef=config.ptd_entropy_coef, temperature=config.temperature)
+                    stats["log_ratio"] = (old_logprobs - token_logprobs(scored, tokens, config.temperature)).mean().item()
                 (loss / config.grad_accum).backward()
             if epoch == 0:
                 add("loss", loss.item())
-                add("log_ratio", stats["log_ratio"])
-                add("clip_frac", stats["clip_frac"])
+                for name, value in stats.items():
+                    add(name, value)
                 add("student_entropy", entropy(student_logits.detach()).mean().item())
                 add("teacher_entropy", entropy(scored).mean().item())
                 add("rollout_length", rollout.lengths.float().mean().item())
                 add("reward", sum(score(t, s.answer) for t, s in zip(rollout.texts, rows)) / len(rows))
                 add("privilege_gap", gap)
                 add("hint_leakage", hint_leakage(rows, rollout.texts, privilege))
+                if tutoring is not None:
+                    add("failed_share", 1 - tutoring["rewards"].mean().item())
+                    add("gated_share", tutoring["gated"].float().mean().item())
         if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
             optimizer_step(student, optimizer, config, times, world_size)
     return metrics
+
+
+@torch.no_grad()
+def ptd_teacher(reference, processor, rows, rollout, completions, privilege, config):
+    """PTD-PO's view of the frozen reference: its logits under the plain prompt for every token (the
+    KL term, the log-ratio), and, for the tutored rollouts only, its logits under the hint prompt.
+    Rewards, advantages and gates are per rollout, then repeated over each rollout's tokens."""
+    rewards = torch.tensor([float(score(t, s.answer)) for t, s in zip(rollout.texts, rows)])
+    advantages = group_advantages(rewards, config.num_rollouts)
+    gated, tutored = ptd_gate(rewards, config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts)
+    plain = teacher_logits(reference, processor, rows, "none", completions, config.max_length)
+    picked = tutored.nonzero()[:, 0].tolist()
+    tutor = teacher_logits(reference, processor, [rows[i] for i in picked], privilege,
+                           [completions[i] for i in picked], config.max_length) if picked else None
+    per_token = lambda values: values.repeat_interleave(rollout.lengths.cpu()).to(config.device)  # noqa: E731
+    return plain, {"rewards": rewards, "advantages": per_token(advantages), "gated": per_token(gated),
+                   "tutored": per_token(tutored), "tutor_logits": tutor}
 
 
 @torch.no_grad()

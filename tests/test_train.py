@@ -164,6 +164,9 @@ DISTILL_METRICS = {"loss", "log_ratio", "clip_frac", "student_entropy", "teacher
     ["--mode=vicur", "--privilege=answer"],
     ["--mode=vicur"],
     ["--mode=vicur", "--teacher=tiny-large"],
+    # PTD-PO and its comparison, plain GRPO (with the reference KL)
+    ["--mode=ptdpo", "--num_rollouts=2"],
+    ["--mode=ptdpo", "--num_rollouts=2", "--ptd_coef=0", "--kl_coef=0.1"],
 ])
 def test_distillation_modes_run_end_to_end(flags, tmp_path):
     train.main(flags + ["--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
@@ -177,6 +180,8 @@ def test_distillation_modes_run_end_to_end(flags, tmp_path):
     assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
     if "--mode=opd" in flags:
         assert all(r["privilege_gap"] == 0 for r in log)
+    if "--mode=ptdpo" in flags:
+        assert all({"failed_share", "gated_share", "ptd_jsd", "kl_ref"} <= set(r) for r in log)
     config = json.load(open(tmp_path / "config.json"))
     assert config["init_from"] == str(tmp_path / "sft" / "ckpt")                  # the SFT stage ran first
     with_module = config["mode"] == "vicur" and config["cue_recovery"]

@@ -1,0 +1,98 @@
+"""PTD-PO: GRPO group advantages, the gate, the loss's terms, and the tutoring hint."""
+import pytest
+import torch
+
+from data import eval_world, make_world
+from distill import divergence, group_advantages, hint_text, ptd_gate, ptdpo_loss
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])      # two groups of four
+    # group 1: mean 0.5, std (unbiased) sqrt(1/3) -> +-0.5 / 0.57735 = +-0.8660; group 2: one reward -> 0
+    expected = torch.tensor([0.8660, -0.8660, -0.8660, 0.8660, 0, 0, 0, 0])
+    assert torch.allclose(group_advantages(rewards, 4), expected, atol=1e-3)
+
+
+def test_the_gate_tutors_failed_rollouts_of_groups_below_tau():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    gated, tutored = ptd_gate(rewards, 4, tau=1.0)
+    assert gated.tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    assert tutored.tolist() == [False, True, True, False] + [False] * 4 + [True] * 4
+    _, tutored_all = ptd_gate(rewards, 4, tau=1.0, all_rollouts=True)
+    assert tutored_all.tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    gated_half, _ = ptd_gate(rewards, 4, tau=0.5)                         # accuracy 0.5 is not below 0.5
+    assert gated_half.tolist() == [False] * 8 + [True] * 4
+
+
+def inputs(seed=0, n=12, vocab=7):
+    g = torch.Generator().manual_seed(seed)
+    student_logits = torch.randn(n, vocab, generator=g, requires_grad=True)
+    tokens = torch.randint(vocab, (n,), generator=g)
+    old = torch.log_softmax(student_logits.detach(), -1).gather(-1, tokens[:, None])[:, 0]   # on-policy: ratio 1
+    ref = old + 0.3 * torch.randn(n, generator=g)
+    tutor = torch.randn(n, vocab, generator=g)
+    advantages = torch.randn(n, generator=g)
+    tutored = torch.tensor([False, True, True, False] * (n // 4))
+    gated = tutored | torch.tensor([True, False, False, False] * (n // 4))
+    return student_logits, tokens, old, ref, tutor, advantages, gated, tutored
+
+
+def loss_of(student_logits, tokens, old, ref, tutor, advantages, gated, tutored, **kwargs):
+    new = torch.log_softmax(student_logits, -1).gather(-1, tokens[:, None])[:, 0]
+    return ptdpo_loss(new, old, ref, advantages, gated, tutored, student_logits, tutor[tutored], top_k=3, **kwargs)
+
+
+def test_ptd_coef_zero_is_plain_grpo():
+    """At ratio 1 the clipped surrogate's gradient is the policy gradient -mean_t A_t grad log pi(y_t)."""
+    student_logits, tokens, old, ref, tutor, advantages, gated, tutored = inputs()
+    loss, _ = loss_of(student_logits, tokens, old, ref, tutor, advantages, gated, tutored, ptd_coef=0.0)
+    loss.backward()
+    reference_logits = student_logits.detach().clone().requires_grad_()
+    log_pi = torch.log_softmax(reference_logits, -1).gather(-1, tokens[:, None])[:, 0]
+    (-(advantages * log_pi).mean()).backward()
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-6)
+    assert torch.allclose(student_logits.grad, reference_logits.grad, atol=1e-6)
+
+
+def test_the_tutoring_term_touches_only_tutored_rollouts():
+    student_logits, tokens, old, ref, tutor, _, gated, tutored = inputs(seed=1)
+    zero = torch.zeros(len(tokens))
+    loss, stats = loss_of(student_logits, tokens, old, ref, tutor, zero, gated, tutored, ptd_coef=1.0)
+    loss.backward()
+    touched = student_logits.grad.abs().sum(-1) > 0
+    assert touched.tolist() == tutored.tolist()
+    expected = divergence(student_logits[tutored].detach(), tutor[tutored], "topk_jsd", top_k=3).sum() / len(tokens)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["ptd_jsd"] == pytest.approx((expected * len(tokens) / tutored.sum()).item(), rel=1e-5)
+
+
+def test_the_reference_kl_skips_gated_groups():
+    student_logits, tokens, old, ref, tutor, _, gated, tutored = inputs(seed=2)
+    zero = torch.zeros(len(tokens))
+    loss, _ = loss_of(student_logits, tokens, old, ref, tutor, zero, gated, tutored, ptd_coef=0.0, kl_coef=1.0)
+    q = ref - old                                                          # log pi_ref - log pi_theta
+    expected = torch.where(gated, 0, q.exp() - q - 1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_tutoring_hints_never_state_the_answer():
+    samples = make_world(1500, seed=3) + eval_world(700, seed=3)
+    for sample in samples:
+        hint = hint_text(sample, "hints")
+        assert hint.startswith("look at : ") and sample.cue in hint, sample.id
+        assert sample.answer.lower() not in hint.lower().split(), (sample.id, hint)
+        assert "so the answer" not in hint
+
+
+def test_stopping_the_gradient_through_the_weights_leaves_no_gradient():
+    """Why --ptd_stop_grad is off by default: with sg(p_S) as the weights of KL(p_S || M), the
+    JSD's gradient is -(1-beta) grad sum_v p_S = 0 for distributions (or buckets) that sum to one."""
+    logits = torch.randn(5, 9, requires_grad=True)
+    teacher = torch.randn(5, 9)
+    for kind, top_k in (("jsd", None), ("topk_jsd", 3)):
+        logits.grad = None
+        divergence(logits, teacher, kind, top_k=top_k, stop_grad_weights=True).sum().backward()
+        assert logits.grad.abs().max() < 1e-6
+        logits.grad = None
+        divergence(logits, teacher, kind, top_k=top_k).sum().backward()
+        assert logits.grad.abs().max() > 1e-3
