@@ -242,14 +242,18 @@ def cue_recall(weights, boxes, image_grid_thw, image_sizes, patch_size=16, merge
 @torch.no_grad()
 def evaluation_cue_recall(model, processor, samples, batch_size=64):
     """Cue recall over the samples that have boxes, from the student's own prompt (image + question):
-    {'layers', 'per_layer', 'recall' (their mean), 'box_area_share' (what uniform attention would get)}."""
+    {'layers', 'per_layer', 'recall' (their mean), 'box_area_share' (what uniform attention would get)},
+    or None when no sample has boxes."""
     rows = [s for s in samples if s.boxes]
+    if not rows:
+        return None
+    patch, merge = processor.image_processor.patch_size, processor.image_processor.merge_size
     recalls, areas = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = to_device(collate(processor, [student_messages(s) for s in chunk]), model.device)
         recall, area = cue_recall(sink_attention(model, batch), [s.boxes for s in chunk], batch["image_grid_thw"],
-                                  [s.image.size for s in chunk])
+                                  [s.image.size for s in chunk], patch_size=patch, merge_size=merge)
         recalls.append(recall.cpu())
         areas.append(area)
     per_layer = torch.cat(recalls).mean(0)

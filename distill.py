@@ -10,6 +10,7 @@ The teacher sees the student's prompt plus one privileged slot after the questio
 """
 
 import math
+import re
 
 import torch
 
@@ -31,18 +32,24 @@ def hint_text(sample, privilege):
     return None
 
 
+def states(text, answer):
+    """Does `text` contain `answer` as a run of whole words? Case and punctuation are ignored."""
+    words = lambda t: " " + " ".join(re.sub(r"[^0-9a-z]+", " ", t.lower()).split()) + " "  # noqa: E731
+    return words(answer).strip() != "" and words(answer) in words(text)
+
+
 def tutoring_hint(sample):
-    """PTD-PO's hint: where to look (the cue, or the boxes in pixels) and the first reasoning steps:
-    the rationale's sentences up to, not including, the first that states the answer as a word or
-    concludes ('so the answer is ...'), and never more than half of them. None without either part."""
-    where = sample.cue or (" ".join(f"[{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]" for x0, y0, x1, y1 in sample.boxes)
-                           if sample.boxes else None)
+    """PTD-PO's hint: where to look (the cue, or the boxes in pixels when the cue itself would state the
+    answer) and the first reasoning steps: the rationale's sentences up to, not including, the first
+    that states the answer or concludes ('so the answer is ...'), at most half of them. None when
+    neither part is left."""
+    boxes = " ".join(f"[{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]" for x0, y0, x1, y1 in sample.boxes)
+    where = next((w for w in (sample.cue, boxes) if w and not states(w, sample.answer)), None)
     steps = []
     if sample.rationale:
         sentences = [t.strip() for t in sample.rationale.split(" . ") if t.strip()]
-        answer = sample.answer.lower()
         for sentence in sentences[:len(sentences) // 2]:
-            if sentence.startswith("so the answer") or answer in sentence.lower().split():
+            if states(sentence, "so the answer") or states(sentence, sample.answer):
                 break
             steps.append(sentence)
     parts = ([f"look at : {where}"] if where else []) + ([" . ".join(steps)] if steps else [])

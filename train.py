@@ -12,6 +12,7 @@ eval.json and report.md. A distillation mode started from a tiny (random) studen
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -106,6 +107,9 @@ PRESETS = {
 # where a distillation mode's defaults differ from the Config defaults (which are SFT's)
 DISTILL_DEFAULTS = {"max_steps": 120, "lr": 2e-4, "warmup_steps": 10}
 PTDPO_DEFAULTS = {"num_rollouts": 8, "batch_size": 4}  # groups of 8 rollouts, as in the paper
+# fields that do not change what SFT learns: a complete SFT stage is reused whatever they are
+SFT_NEUTRAL = {"resume", "device", "threads", "num_eval", "eval_batch_size", "eval_every", "save_every",
+               "max_new_tokens", "eval_data", "skip_bad"}
 # the fields that only distillation reads: reset to their defaults for the SFT stage
 DISTILL_FIELDS = ["teacher", "privilege", "loss", "beta", "top_k", "num_rollouts", "temperature", "ppo_epochs",
                   "clip_eps", "cue_recovery", "sink_every", "cue_init", "kl_coef", "ptd_coef", "ptd_tau",
@@ -155,7 +159,8 @@ def init_distributed(config):
     if "RANK" not in os.environ:
         return 0, 1
     backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
+    # rank 0 evaluates while the others wait at a barrier: a large model's evaluation can take long
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     if backend == "nccl":
         config.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(config.device)
@@ -299,14 +304,15 @@ def load_teacher(config, student, processor):
     return teacher
 
 
-def attach_cue_recovery(model, processor, config):
+def attach_cue_recovery(model, processor, config, rank):
     """vicur mode: give the student its sink-token module (once; a resumed checkpoint has it)."""
     if config.mode != "vicur" or not config.cue_recovery or cue_recovery.get(model) is not None:
         return
     cue_recovery.attach(model, processor, sink_every=config.sink_every or None, init=config.cue_init)
     count, share = cue_recovery.parameter_count(model)
-    print(f"cue recovery: modules after layers {cue_recovery.get(model).layers}, {count / 1e6:.3f} M parameters "
-          f"({100 * share:.1f}% of the student), W_O init '{config.cue_init}'")
+    if rank == 0:
+        print(f"cue recovery: modules after layers {cue_recovery.get(model).layers}, {count / 1e6:.3f} M "
+              f"parameters ({100 * share:.1f}% of the student), W_O init '{config.cue_init}'")
 
 
 def distill_step(student, teacher, optimizer, processor, samples, step, rank, world_size, config, times):
@@ -499,7 +505,7 @@ def saved_run(ckpt):
     path = os.path.join(ckpt, "train_state.pt")
     if not os.path.isfile(path):
         return None, None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
     return state["step"], state["config"]
 
 
@@ -508,12 +514,17 @@ def sft_stage(config, rank, world_size):
     runs SFT into out_dir/sft -> that checkpoint. A complete SFT run there with the same settings
     is reused; an incomplete one is continued under --resume."""
     defaults = Config()
-    sft = dataclasses.replace(config, mode="sft", out_dir=os.path.join(config.out_dir, "sft"),
-                              max_steps=config.sft_steps, lr=defaults.lr, warmup_steps=defaults.warmup_steps,
-                              **{key: getattr(defaults, key) for key in DISTILL_FIELDS})
+    reset = DISTILL_FIELDS + list(DISTILL_DEFAULTS) + list(PTDPO_DEFAULTS)  # SFT's own values for these
+    sft = dataclasses.replace(config, **{key: getattr(defaults, key) for key in reset})
+    sft = dataclasses.replace(sft, mode="sft", out_dir=os.path.join(config.out_dir, "sft"), max_steps=config.sft_steps)
     ckpt = os.path.join(sft.out_dir, "ckpt")
     step, saved = saved_run(ckpt)
-    same = saved is not None and {**saved, "resume": False} == dataclasses.asdict(dataclasses.replace(sft, resume=False))
+    affects = lambda c: {k: v for k, v in c.items() if k not in SFT_NEUTRAL}  # noqa: E731
+    same = saved is not None and affects(saved) == affects(dataclasses.asdict(sft))
+    if world_size > 1:  # rank 0 decides, so that the ranks never take different paths
+        decision = [same, step]
+        dist.broadcast_object_list(decision, src=0)
+        same, step = decision
     if same and step == sft.max_steps:
         if rank == 0:
             print(f"SFT stage: reusing the complete run in {ckpt} ({step} steps)")
@@ -528,11 +539,17 @@ def main(argv):
     config = parse_args(argv)
     if config.mode not in ["sft"] + DISTILL_MODES:
         raise SystemExit(f"error: unknown --mode={config.mode}; available: {['sft'] + DISTILL_MODES}")
+    if config.mode == "ptdpo" and config.num_rollouts < 2:
+        raise SystemExit(f"error: --mode=ptdpo compares rollouts within a group: --num_rollouts must be at least 2, "
+                         f"got {config.num_rollouts}")
     if config.mode in DISTILL_MODES and config.max_new_tokens >= config.max_length:
         raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
                          f"--max_length={config.max_length}")
     rank, world_size = init_distributed(config)
     if config.mode in DISTILL_MODES and not config.init_from and config.student in TINY_SIZES:
+        if config.resume and not any(os.path.isdir(os.path.join(config.out_dir, d, "ckpt")) for d in ("", "sft")):
+            raise SystemExit(f"error: --resume=true but neither {config.out_dir}/ckpt nor {config.out_dir}/sft/ckpt "
+                             f"exists")
         config = dataclasses.replace(config, init_from=sft_stage(config, rank, world_size))
         if world_size > 1:
             dist.barrier()  # rank 0 wrote the SFT checkpoint
@@ -559,7 +576,7 @@ def train(config, rank, world_size):
     samples, eval_samples = training_samples(config, rank)
     # the self teacher is a copy of the student as it starts, taken before the student gets its module
     teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
-    attach_cue_recovery(model, processor, config)
+    attach_cue_recovery(model, processor, config, rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     step = load_train_state(config, optimizer) if config.resume else 0
@@ -633,7 +650,7 @@ def train(config, rank, world_size):
             columns = {"student before distillation": json.load(open(before_file)), **columns}
         table = format_table(columns)
         recall = None
-        if cue_recovery.get(model) is not None:
+        if cue_recovery.get(model) is not None and any(s.boxes for s in eval_samples):
             recall = cue_recovery.evaluation_cue_recall(model, processor, eval_samples, config.eval_batch_size)
             notes.append(recall_line(recall))
         print(table + "".join("\n" + note for note in notes))

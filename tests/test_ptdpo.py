@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from data import eval_world, make_world
-from distill import divergence, group_advantages, hint_text, ptd_gate, ptdpo_loss
+from distill import divergence, group_advantages, hint_text, ptd_gate, ptdpo_loss, states
 
 
 def test_group_advantages_by_hand():
@@ -96,3 +96,25 @@ def test_stopping_the_gradient_through_the_weights_leaves_no_gradient():
         logits.grad = None
         divergence(logits, teacher, kind, top_k=top_k).sum().backward()
         assert logits.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("answer, cue, rationale", [
+    ("top left", "the dog is near the window", "the dog sits at the top left . it is brown . so the answer is top left ."),
+    ("3", "look at the apples", "one apple . two apples . 3. apples in all . so the answer is 3 ."),
+    ("3", "the 3 apples on the table", "count the apples . so the answer is 3 ."),
+    ("Paris", "the sign", "The sign reads PARIS, france . it is old . so The Answer is Paris ."),
+])
+def test_tutoring_hints_of_user_data_never_state_the_answer(answer, cue, rationale):
+    """Multi-word answers, punctuation, case, and a cue that itself states the answer."""
+    from PIL import Image
+    from data import Sample
+    sample = Sample(image=Image.new("RGB", (40, 40)), question="q ?", answer=answer, rationale=rationale, cue=cue,
+                    boxes=[[1, 2, 30, 31]])
+    hint = hint_text(sample, "hints")
+    assert not states(hint, answer) and "answer" not in hint.lower(), hint
+    assert hint.startswith("look at : ")
+
+
+def test_states_matches_whole_words_only():
+    assert states("the top left cell .", "top left") and states("it is 3.", "3") and states("PARIS, fr", "paris")
+    assert not states("a 13 b", "3") and not states("topleft", "top left") and not states("x", "")

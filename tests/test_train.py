@@ -231,3 +231,34 @@ def test_a_vicur_run_resumes_like_one_that_never_stopped(tiny, tmp_path, monkeyp
     assert [r["loss"] for r in broken_log[2:]] == pytest.approx([r["loss"] for r in full_log[2:]], rel=1e-5)
     recalls = [json.load(open(folder / "eval.json"))["cue_recall"]["recall"] for folder in (full, broken)]
     assert recalls[0] == pytest.approx(recalls[1], rel=1e-5)
+
+
+def test_pipeline_errors_and_the_sft_stage_of_ptdpo(tmp_path):
+    with pytest.raises(SystemExit, match="--num_rollouts must be at least 2"):
+        train.main(["--mode=ptdpo", "--num_rollouts=1", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="neither .*/ckpt nor .*/sft/ckpt exists"):
+        train.main(["--resume=true", f"--out_dir={tmp_path}"])
+    # PTD-PO's own batch size (4 prompts x 8 rollouts) is not the SFT stage's
+    captured = {}
+    original = train.train
+    try:
+        train.train = lambda config, rank, world_size: captured.setdefault(config.mode, config)
+        train.main(["--mode=ptdpo", f"--out_dir={tmp_path}"])
+    finally:
+        train.train = original
+    assert captured["sft"].batch_size == train.Config.batch_size and captured["sft"].num_rollouts == 1
+    assert captured["ptdpo"].batch_size == train.PTDPO_DEFAULTS["batch_size"]
+
+
+def test_a_vicur_run_on_data_without_boxes_ends_cleanly(tmp_path):
+    import data
+    data.main([f"--out={tmp_path / 'world'}", "--num_train=30", "--num_eval=7"])
+    for name in ("train", "eval"):                               # drop the boxes, keep the cues
+        path = tmp_path / "world" / f"{name}.jsonl"
+        records = [json.loads(line) for line in open(path)]
+        with open(path, "w") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "boxes"}) + "\n" for r in records)
+    train.main([f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--eval_data={tmp_path / 'world' / 'eval.jsonl'}",
+                "--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", f"--out_dir={tmp_path / 'run'}"])
+    results = json.load(open(tmp_path / "run" / "eval.json"))
+    assert "cue_recall" not in results and os.path.exists(tmp_path / "run" / "report.md")
