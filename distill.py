@@ -15,6 +15,8 @@ import re
 import torch
 
 from data import collate, model_inputs, student_messages, to_device, user_message
+from evaluate import score
+from rollout import sample
 
 PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops", "hints"]
 
@@ -408,6 +410,21 @@ def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sam
 
 
 @torch.no_grad()
+def probe_log_ratio(student, teacher, processor, probe_samples, privilege, max_length, max_new_tokens):
+    """mean_t log pi_S(y_t) - log pi_T(y_t | x_T) on the student's greedy answers to fixed prompts:
+    the distillation gap measured the same way before and after training, free of sampling noise."""
+    prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples],
+                               max_length=max_length - max_new_tokens), student.device)
+    completions = rollout_completions(sample(student, processor, prompt, greedy=True, max_new_tokens=max_new_tokens))
+    scored = teacher_logits(teacher, processor, probe_samples, privilege, completions, max_length)
+    student_batch = scoring_batch(processor, [student_messages(s) for s in probe_samples], completions, max_length)
+    was_training = student.training
+    student_logits, tokens = completion_logits(student.eval(), to_device(student_batch, student.device))
+    student.train(was_training)
+    return (token_logprobs(student_logits, tokens) - token_logprobs(scored, tokens)).mean().item()
+
+
+@torch.no_grad()
 def privilege_gap(privileged_logits, plain_logits):
     """How much the teacher leans on what the student cannot see: mean_t KL(p_T(.|x_T) || p_T(.|x))."""
     return divergence(privileged_logits, plain_logits, "rkl").mean().item()
@@ -423,11 +440,11 @@ def hint_leakage(samples, completions_text, privilege, n=3):
     of the hint that the question does not contain (hints shorter than n words, such as a bare
     answer, are checked for the first kind only, since the answer itself is no leak)."""
     leaked = 0
-    for sample, text in zip(samples, completions_text):
-        hint = hint_text(sample, privilege)
+    for row, text in zip(samples, completions_text):
+        hint = hint_text(row, privilege)
         if not hint:
             continue
-        novel = word_ngrams(hint, n) - word_ngrams(sample.question, n)
+        novel = word_ngrams(hint, n) - word_ngrams(row.question, n)
         leaked += "hint" in text.lower().split() or bool(novel & word_ngrams(text, n))
     return leaked / max(1, len(completions_text))
 
@@ -484,3 +501,22 @@ def ptdpo_loss(new_logprobs, old_logprobs, ref_logprobs, advantages, gated, tuto
     stats = {"clip_frac": clip_active.mean().item(), "kl_ref": kl.detach().mean().item(), "ptd_jsd": jsd.item(),
              "tutored_tokens": tutored.float().mean().item()}
     return per_token.mean(), stats
+
+
+@torch.no_grad()
+def ptd_reference(reference, processor, rows, rollout, completions, privilege, group_size, tau=1.0,
+                  all_rollouts=False, max_length=None):
+    """PTD-PO's view of the frozen reference -> (its logits under the plain prompt for every token, for
+    the KL term and the log-ratio; a dict of per-token advantages, gates and, for the tutored rollouts
+    only, its logits under the hint prompt). The reward is evaluate.score of each rollout; per-rollout
+    values are repeated over that rollout's tokens, in completion_logits' row-major order."""
+    rewards = torch.tensor([float(score(text, s.answer)) for text, s in zip(rollout.texts, rows)])
+    advantages = group_advantages(rewards, group_size)
+    gated, tutored = ptd_gate(rewards, group_size, tau, all_rollouts)
+    plain = teacher_logits(reference, processor, rows, "none", completions, max_length)
+    picked = tutored.nonzero()[:, 0].tolist()
+    tutor = teacher_logits(reference, processor, [rows[i] for i in picked], privilege,
+                           [completions[i] for i in picked], max_length) if picked else None
+    per_token = lambda values: values.repeat_interleave(rollout.lengths.cpu()).to(plain.device)  # noqa: E731
+    return plain, {"rewards": rewards, "advantages": per_token(advantages), "gated": per_token(gated),
+                   "tutored": per_token(tutored), "tutor_logits": tutor}

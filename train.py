@@ -31,8 +31,8 @@ from tqdm import tqdm
 import cue_recovery
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device)
-from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, group_advantages, hint_leakage,
-                     hint_text, privilege_gap, ptd_gate, ptdpo_loss, rollout_completions, scoring_batch,
+from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, hint_text,
+                     privilege_gap, probe_log_ratio, ptd_reference, ptdpo_loss, rollout_completions, scoring_batch,
                      teacher_logits, teacher_messages, token_logprobs)
 from evaluate import evaluate, format_table, score
 from model import TINY_SIZES, load_model, num_parameters
@@ -335,7 +335,9 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
             completions = rollout_completions(rollout)
         with timed(times, "teacher"):
             if config.mode == "ptdpo":
-                scored, tutoring = ptd_teacher(teacher, processor, rows, rollout, completions, privilege, config)
+                scored, tutoring = ptd_reference(teacher, processor, rows, rollout, completions, privilege,
+                                                 config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts,
+                                                 config.max_length)
                 gap = privilege_gap(tutoring["tutor_logits"], scored[tutoring["tutored"]]) \
                     if tutoring["tutored"].any() else 0.0
             else:
@@ -387,40 +389,6 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
         if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
             optimizer_step(student, optimizer, config, times, world_size)
     return metrics
-
-
-@torch.no_grad()
-def ptd_teacher(reference, processor, rows, rollout, completions, privilege, config):
-    """PTD-PO's view of the frozen reference: its logits under the plain prompt for every token (the
-    KL term, the log-ratio), and, for the tutored rollouts only, its logits under the hint prompt.
-    Rewards, advantages and gates are per rollout, then repeated over each rollout's tokens."""
-    rewards = torch.tensor([float(score(t, s.answer)) for t, s in zip(rollout.texts, rows)])
-    advantages = group_advantages(rewards, config.num_rollouts)
-    gated, tutored = ptd_gate(rewards, config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts)
-    plain = teacher_logits(reference, processor, rows, "none", completions, config.max_length)
-    picked = tutored.nonzero()[:, 0].tolist()
-    tutor = teacher_logits(reference, processor, [rows[i] for i in picked], privilege,
-                           [completions[i] for i in picked], config.max_length) if picked else None
-    per_token = lambda values: values.repeat_interleave(rollout.lengths.cpu()).to(config.device)  # noqa: E731
-    return plain, {"rewards": rewards, "advantages": per_token(advantages), "gated": per_token(gated),
-                   "tutored": per_token(tutored), "tutor_logits": tutor}
-
-
-@torch.no_grad()
-def probe_log_ratio(student, teacher, processor, probe_samples, config):
-    """mean_t log pi_S(y_t) - log pi_T(y_t | x_T) on the student's greedy answers to fixed prompts:
-    the distillation gap measured the same way before and after training, free of sampling noise."""
-    privilege = config.privilege or MODE_PRIVILEGE[config.mode]
-    prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples],
-                               max_length=config.max_length - config.max_new_tokens), config.device)
-    completions = rollout_completions(sample(student, processor, prompt, greedy=True,
-                                             max_new_tokens=config.max_new_tokens))
-    scored = teacher_logits(teacher, processor, probe_samples, privilege, completions, config.max_length)
-    student_batch = scoring_batch(processor, [student_messages(s) for s in probe_samples], completions, config.max_length)
-    was_training = student.training
-    student_logits, tokens = completion_logits(student.eval(), to_device(student_batch, config.device))
-    student.train(was_training)
-    return (token_logprobs(student_logits, tokens) - token_logprobs(scored, tokens)).mean().item()
 
 
 # ----------------------------------------------------------------------------- the optimizer step
@@ -598,7 +566,7 @@ def train(config, rank, world_size):
             print(f"note: {lacking} of {len(samples)} training samples have no {privilege}; "
                   f"for them the teacher sees the student's prompt")
         probe = samples[:64]
-        probe_before = probe_log_ratio(model, teacher, processor, probe, config)
+        probe_before = probe_log_ratio(model, teacher, processor, probe, privilege, config.max_length, config.max_new_tokens)
         print(f"probe log-ratio (student greedy answers to {len(probe)} training prompts) before: {probe_before:.4f}")
         log_file.write(json.dumps({"step": step, "probe_log_ratio": probe_before}) + "\n")
         if not config.resume:
@@ -640,7 +608,7 @@ def train(config, rank, world_size):
         save_checkpoint(model, processor, optimizer, config.max_steps, config)
         notes = []
         if teacher is not None:
-            probe_after = probe_log_ratio(model, teacher, processor, probe, config)
+            probe_after = probe_log_ratio(model, teacher, processor, probe, privilege, config.max_length, config.max_new_tokens)
             notes.append(f"probe log-ratio before: {probe_before:.4f}, after: {probe_after:.4f}")
             log_file.write(json.dumps({"step": config.max_steps, "probe_log_ratio": probe_after}) + "\n")
         columns = run_evaluation(model, processor, eval_samples, config)

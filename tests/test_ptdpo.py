@@ -118,3 +118,26 @@ def test_tutoring_hints_of_user_data_never_state_the_answer(answer, cue, rationa
 def test_states_matches_whole_words_only():
     assert states("the top left cell .", "top left") and states("it is 3.", "3") and states("PARIS, fr", "paris")
     assert not states("a 13 b", "3") and not states("topleft", "top left") and not states("x", "")
+
+
+def test_ptd_reference_lines_up_with_the_student_tokens(tiny):
+    """Per-rollout rewards, advantages and gates are spread over each rollout's tokens in the order
+    completion_logits flattens them; the tutor's logits cover exactly the tutored tokens."""
+    from data import collate, student_messages
+    from distill import completion_logits, ptd_reference, rollout_completions, scoring_batch
+    from rollout import sample
+    model, processor = tiny
+    prompts = eval_world(2, seed=5)
+    rollout = sample(model, processor, collate(processor, [student_messages(s) for s in prompts]), n=3,
+                     max_new_tokens=12, generator=torch.Generator().manual_seed(0))
+    rows = [s for s in prompts for _ in range(3)]
+    completions = rollout_completions(rollout)
+    plain, tutoring = ptd_reference(model, processor, rows, rollout, completions, "hints", group_size=3)
+    _, tokens = completion_logits(model, scoring_batch(processor, [student_messages(s) for s in rows], completions))
+    assert torch.equal(tokens, torch.tensor([t for c in completions for t in c]))
+    row_of_token = torch.arange(len(rows)).repeat_interleave(torch.tensor([len(c) for c in completions]))
+    assert torch.equal(tutoring["advantages"], group_advantages(tutoring["rewards"], 3)[row_of_token])
+    gated, tutored = ptd_gate(tutoring["rewards"], 3)
+    assert torch.equal(tutoring["tutored"], tutored[row_of_token]) and torch.equal(tutoring["gated"], gated[row_of_token])
+    assert plain.shape[0] == len(tokens)
+    assert int(tutored[row_of_token].sum()) == (0 if tutoring["tutor_logits"] is None else len(tutoring["tutor_logits"]))
