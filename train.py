@@ -167,21 +167,29 @@ def init_distributed(config):
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_gradients(model, world_size):
-    """Average gradients across ranks: one flat buffer, one all_reduce."""
+def all_reduce_gradients(model, world_size, bucket_elements=2**24):
+    """Average gradients across ranks: parameters packed into flat buckets of about bucket_elements
+    (64 MB of fp32), one all_reduce per bucket, so no copy of all the gradients at once is built."""
     if world_size == 1:
         return
-    for p in model.parameters():  # every rank must send the same buffer, even for unused parameters
+    for p in model.parameters():  # every rank must send the same buffers, even for unused parameters
         if p.grad is None and p.requires_grad:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size
-    offset = 0
+    buckets, size = [[]], 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        if size and size + g.numel() > bucket_elements:
+            buckets, size = buckets + [[]], 0
+        buckets[-1].append(g)
+        size += g.numel()
+    for bucket in buckets:
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def all_reduce_mean(value, world_size, device="cpu"):
@@ -250,28 +258,34 @@ def sft_batch(samples, step, rank, world_size, config, processor):
 
 
 def sft_loss(model, batch):
-    """Cross-entropy on completion tokens: L = -mean_t log p(y_t | y_<t, x)."""
+    """Summed cross-entropy on completion tokens, -sum_t log p(y_t | y_<t, x), and the number of
+    tokens right under argmax (the caller divides both by the step's token count)."""
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
     logits = model(**inputs).logits[:, :-1].float()                     # (B, L-1, V)
     targets = batch["input_ids"][:, 1:]
     mask = batch["completion_mask"][:, 1:].bool()
-    loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
-    accuracy = (logits[mask].argmax(-1) == targets[mask]).float().mean().item()
-    return loss, {"token_acc": accuracy}
+    loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    return loss, (logits[mask].argmax(-1) == targets[mask]).sum().item()
 
 
 def sft_step(model, processor, samples, step, rank, world_size, config, times):
-    """Forward/backward of one optimizer step's micro-batches; returns the metrics."""
+    """Forward/backward of one optimizer step's micro-batches; returns the metrics.
+    L = -(1 / N) sum over the step's N completion tokens (all micro-batches, all ranks): each rank
+    scales its sum by world_size / N, so that all_reduce's average gives exactly the loss of one
+    process with the whole global batch, however the tokens fall across ranks and micro-batches."""
+    with timed(times, "data"):
+        batches = [to_device(sft_batch(samples, step * config.grad_accum + micro, rank, world_size, config,
+                                       processor), config.device) for micro in range(config.grad_accum)]
+        tokens = sum(int(b["completion_mask"][:, 1:].sum()) for b in batches)
+    with timed(times, "communication"):
+        total = all_reduce_mean(float(tokens), world_size) * world_size    # N, over all ranks
     metrics = {"loss": 0.0, "token_acc": 0.0}
-    for micro in range(config.grad_accum):
-        with timed(times, "data"):
-            batch = sft_batch(samples, step * config.grad_accum + micro, rank, world_size, config, processor)
-            batch = to_device(batch, config.device)
+    for batch in batches:
         with timed(times, "student"):
-            loss, stats = sft_loss(model, batch)
-            (loss / config.grad_accum).backward()
-        metrics["loss"] += loss.item() / config.grad_accum
-        metrics["token_acc"] += stats["token_acc"] / config.grad_accum
+            loss_sum, correct = sft_loss(model, batch)
+            (loss_sum * world_size / total).backward()
+        metrics["loss"] += loss_sum.item() * world_size / total        # the ranks' mean of these is L
+        metrics["token_acc"] += correct * world_size / total
     return metrics
 
 
