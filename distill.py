@@ -58,6 +58,12 @@ def tutoring_hint(sample):
     return " . ".join(parts) if parts else None
 
 
+def pixel_box(box):
+    """[x0, y0, x1, y1] in (fractional) pixels -> the integer crop that covers it, at least 1x1."""
+    x0, y0 = math.floor(box[0]), math.floor(box[1])
+    return x0, y0, max(math.ceil(box[2]), x0 + 1), max(math.ceil(box[3]), y0 + 1)
+
+
 def teacher_messages(sample, privilege):
     """The teacher's chat: the student's, with `[Hint]: <privileged text>` after the question.
     A sample without that privilege (no cue, no rationale) gets the plain student prompt."""
@@ -66,8 +72,7 @@ def teacher_messages(sample, privilege):
     hint = hint_text(sample, privilege)
     if hint is None:
         return student_messages(sample)
-    crops = [sample.image.crop(tuple(int(round(v)) for v in box)) for box in sample.boxes] \
-        if privilege == "cues+crops" else []
+    crops = [sample.image.crop(pixel_box(box)) for box in sample.boxes] if privilege == "cues+crops" else []
     return [user_message([sample.image], f"{sample.question} [Hint]: {hint}", extra_images=crops)]
 
 

@@ -20,6 +20,17 @@ def test_teacher_prompt_adds_one_hint_slot_after_the_question():
         teacher_messages(s, "gold")
 
 
+def test_crops_of_tiny_and_fractional_boxes_go_through_the_processor(tiny):
+    """A box thinner than a pixel still gives a 1x1 crop (a zero-size crop broke the processor)."""
+    import dataclasses
+    _, processor = tiny
+    s = dataclasses.replace(make_world(1, seed=3)[0], boxes=[[10.2, 10.2, 10.4, 10.4], [3.5, 4.5, 20.25, 9.75]])
+    crops = [p["image"] for p in teacher_messages(s, "cues+crops")[0]["content"][2:]]
+    assert [c.size for c in crops] == [(1, 1), (18, 6)]                # floor / ceil: the crop covers the box
+    batch = collate(processor, [teacher_messages(s, "cues+crops")])
+    assert batch["image_grid_thw"].shape[0] == 3
+
+
 def test_teacher_scores_are_aligned_by_completion_mask(tiny):
     """Teacher logits from a padded batch of prompts of different lengths equal, token for token,
     those of each sample's own unpadded prompt + completion, concatenated by hand."""
