@@ -551,6 +551,8 @@ def train(config, rank, world_size):
     start_time = time.time()
 
     resume_dir = os.path.join(config.out_dir, "ckpt")
+    if config.resume and not os.path.isdir(resume_dir) and os.path.isdir(resume_dir + ".old"):
+        os.replace(resume_dir + ".old", resume_dir)  # killed between save_checkpoint's two renames
     if config.resume and not os.path.isdir(resume_dir):
         raise SystemExit(f"error: --resume=true but {resume_dir} does not exist")
     source = resume_dir if config.resume else (config.init_from or config.student)

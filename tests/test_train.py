@@ -262,3 +262,45 @@ def test_a_vicur_run_on_data_without_boxes_ends_cleanly(tmp_path):
                 "--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", f"--out_dir={tmp_path / 'run'}"])
     results = json.load(open(tmp_path / "run" / "eval.json"))
     assert "cue_recall" not in results and os.path.exists(tmp_path / "run" / "report.md")
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
+    """SIGKILL a real process once its first checkpoint is on disk, --resume it: every step after that
+    checkpoint has the loss of a run that never stopped (the last entry of a step counts: a killed
+    run may have logged steps past its checkpoint)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = [sys.executable, "train.py", "--mode=sft", "--max_steps=30", "--save_every=5", "--num_train=64",
+              "--num_eval=7", "--batch_size=2", "--max_new_tokens=8", "--warmup_steps=2", "--threads=1"]
+    subprocess.run(common + [f"--out_dir={tmp_path / 'full'}"], cwd=root, check=True, capture_output=True)
+    broken = tmp_path / "broken"
+    process = subprocess.Popen(common + [f"--out_dir={broken}"], cwd=root, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state = broken / "ckpt" / "train_state.pt"
+    while not state.exists() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL                    # it died mid-run, not at the end
+    saved_step = torch.load(state, weights_only=False)["step"]
+    assert saved_step < 30
+    subprocess.run(common + [f"--out_dir={broken}", "--resume=true"], cwd=root, check=True, capture_output=True)
+    full = {r["step"]: r["loss"] for r in read_log(tmp_path / "full") if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_log(broken) if "loss" in r}
+    assert sorted(resumed) == list(range(1, 31))
+    after = range(saved_step + 1, 31)
+    assert [resumed[s] for s in after] == pytest.approx([full[s] for s in after], rel=1e-5)
+
+
+def test_resume_finds_the_checkpoint_of_a_run_killed_between_the_two_renames(tmp_path):
+    """save_checkpoint renames ckpt -> ckpt.old, then ckpt.tmp -> ckpt: a kill in between leaves only
+    ckpt.old, which --resume uses."""
+    args = [a for a in SHORT_RUN if not a.startswith("--max_steps")]
+    train.main(args + ["--max_steps=20", f"--out_dir={tmp_path}"])
+    os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")
+    train.main(args + ["--max_steps=22", f"--out_dir={tmp_path}", "--resume=true"])
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r][-2:] == [21, 22]
+    assert not os.path.exists(tmp_path / "ckpt.old")
