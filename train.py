@@ -438,6 +438,18 @@ def save_checkpoint(model, processor, optimizer, step, config):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_ranks_agree(model, step, world_size):
+    """Before rank 0 saves: every rank must be at the same step with the same weights (a float64 sum
+    of all parameters; identical all-reduced updates keep the replicas bitwise equal)."""
+    if world_size == 1:
+        return
+    checksum = sum(p.detach().double().sum().item() for p in model.parameters())
+    views = [None] * world_size
+    dist.all_gather_object(views, (step, checksum))
+    if any(view != views[0] for view in views):
+        raise RuntimeError(f"ranks disagree before saving: (step, weight checksum) per rank = {views}")
+
+
 def load_train_state(config, optimizer):
     state = torch.load(os.path.join(config.out_dir, "ckpt", "train_state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -616,10 +628,13 @@ def train(config, rank, world_size):
                 log_file.write(json.dumps({"step": step + 1, "eval_in_domain_avg": results["in_domain_avg"],
                                            "eval_ood_avg": results["ood_avg"]}) + "\n")
                 model.train()
-            if (step + 1) % config.save_every == 0:
+        if (step + 1) % config.save_every == 0:
+            check_ranks_agree(model, step + 1, world_size)
+            if rank == 0:
                 save_checkpoint(model, processor, optimizer, step + 1, config)
     train_time = time.time() - start_time
 
+    check_ranks_agree(model, config.max_steps, world_size)
     if rank == 0:
         save_checkpoint(model, processor, optimizer, config.max_steps, config)
         notes = []
