@@ -124,18 +124,11 @@ def measure(fn, student_logits, repeats, device):
 # the cue recovery module: prefill and per-token decode time with and without it
 
 def qwen3_vl_2b_shaped(tokenizer):
-    """A randomly initialised model with Qwen3-VL-2B's shapes (28 layers, d = 2048, a 24-layer vision
-    tower with deepstack after 5, 11, 17) and the tiny tokenizer's special-token ids: for timing only."""
-    from model import tiny_config
-    config = tiny_config("tiny", tokenizer)
-    config.text_config.update(dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936))
-    config.text_config.rope_parameters["mrope_section"] = [24, 20, 20]
-    config.vision_config.update(dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
-                                     out_hidden_size=2048, num_position_embeddings=2304,
-                                     deepstack_visual_indexes=[5, 11, 17]))
+    """A randomly initialised model with Qwen3-VL-2B's shapes (model.QWEN3_VL_SHAPES) and the tiny
+    tokenizer's special-token ids: for timing only."""
     from transformers import Qwen3VLForConditionalGeneration
-    return Qwen3VLForConditionalGeneration(config)
+    from model import shaped_config
+    return Qwen3VLForConditionalGeneration(shaped_config("Qwen/Qwen3-VL-2B-Instruct", tokenizer))
 
 
 def synthetic_prompts(model, tokenizer, batch_size, grid, text_tokens, device):

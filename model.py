@@ -80,6 +80,31 @@ def tiny_config(name, tokenizer):
     )
 
 
+# The published shapes of the Qwen3-VL checkpoints the paper uses, so that sizes and memory plans need
+# no download: text (hidden, layers, heads, kv heads, intermediate, tied embeddings), vision (depth,
+# hidden, intermediate, deepstack layers). On the meta device they give 2.13 B, 8.77 B, 33.36 B parameters.
+QWEN3_VL_SHAPES = {
+    "Qwen/Qwen3-VL-2B-Instruct": ((2048, 28, 16, 8, 6144, True), (24, 1024, 4096, [5, 11, 17])),
+    "Qwen/Qwen3-VL-8B-Instruct": ((4096, 36, 32, 8, 12288, False), (27, 1152, 4304, [8, 16, 24])),
+    "Qwen/Qwen3-VL-32B-Instruct": ((5120, 64, 64, 8, 25600, False), (27, 1152, 4304, [8, 16, 24])),
+}
+
+
+def shaped_config(name, tokenizer):
+    """A Qwen3VLConfig with a real checkpoint's shapes (QWEN3_VL_SHAPES) and the tokenizer's special ids."""
+    (hidden, layers, heads, kv_heads, intermediate, tied), (depth, v_hidden, v_inter, deepstack) = QWEN3_VL_SHAPES[name]
+    config = tiny_config("tiny", tokenizer)
+    config.text_config.update(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, head_dim=128, intermediate_size=intermediate,
+                                   vocab_size=151936, tie_word_embeddings=tied))
+    config.text_config.rope_parameters["mrope_section"] = [24, 20, 20]
+    config.vision_config.update(dict(depth=depth, hidden_size=v_hidden, intermediate_size=v_inter, num_heads=16,
+                                     out_hidden_size=hidden, num_position_embeddings=2304,
+                                     deepstack_visual_indexes=deepstack))
+    config.tie_word_embeddings = tied
+    return config
+
+
 def linear_patch_embed(self, hidden_states):
     """Qwen3VLVisionPatchEmbed.forward as a matmul: the Conv3d's kernel equals its stride."""
     weight = self.proj.weight.view(self.embed_dim, -1)                  # (D, C * T * P * P)
@@ -120,3 +145,39 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
 
 def num_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_counts(name_or_path, tokenizer):
+    """(total, text decoder hidden size, layers, vocab) of a model, built on the meta device (no memory,
+    no weights): a QWEN3_VL_SHAPES name, a tiny size, or a local directory with a config.json."""
+    if name_or_path in QWEN3_VL_SHAPES:
+        config = shaped_config(name_or_path, tokenizer)
+    elif name_or_path in TINY_SIZES:
+        config = tiny_config(name_or_path, tokenizer)
+    elif os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "config.json")):
+        config = Qwen3VLConfig.from_pretrained(os.path.expanduser(name_or_path))
+    else:
+        raise ValueError(f"no shapes known for '{name_or_path}' without downloading it; known: "
+                         f"{sorted(QWEN3_VL_SHAPES) + sorted(TINY_SIZES)} or a local checkpoint directory")
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    text = config.get_text_config()
+    return num_parameters(model), text.hidden_size, text.num_hidden_layers, text.vocab_size
+
+
+def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer):
+    """Per-GPU memory, in bytes, of one rank's training step as train.py runs it (a plain replica per rank):
+    weights, gradients and AdamW's two moments in the weights' dtype (torch keeps them in the parameter's
+    dtype), a frozen teacher (None: none; the self teacher is a second copy of the student), and an
+    activation estimate for one micro-batch of T tokens: 34 T d bytes per decoder layer in 16-bit
+    without recomputation (Korthikanti et al. 2022, attention scores left out as SDPA never stores
+    them), plus the logits: T V in the weights' dtype and twice T V in float32 (the upcast and its gradient)."""
+    params, hidden, layers, vocab = parameter_counts(student, tokenizer)
+    rows = [("student weights", params * weight_bytes), ("gradients", params * weight_bytes),
+            ("AdamW moments (2 per weight)", 2 * params * weight_bytes)]
+    if teacher is not None:
+        rows.append((f"teacher weights ({teacher}), frozen", parameter_counts(teacher, tokenizer)[0] * weight_bytes))
+    tokens = micro_batch_tokens
+    rows += [("activations, estimate", 34 * tokens * hidden * layers * weight_bytes // 2),
+             ("logits (+ float32 copy and gradient)", tokens * vocab * (weight_bytes + 8))]
+    return rows

@@ -35,7 +35,7 @@ from distill import (check_same_tokenizer, completion_logits, distill_loss, entr
                      privilege_gap, probe_log_ratio, ptd_reference, ptdpo_loss, rollout_completions, scoring_batch,
                      teacher_logits, teacher_messages, token_logprobs)
 from evaluate import evaluate, format_table, score
-from model import TINY_SIZES, load_model, num_parameters
+from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
 from rollout import sample
 
 
@@ -95,14 +95,21 @@ class Config:
     sft_cue_frac: float = 0.25
     sft_answer_frac: float = 0.1
     sft_describe_frac: float = 0.2
+    dry_run: bool = False            # print the per-GPU memory plan and stop (no weights are loaded)
     device: str = "cpu"
     threads: int = 0                 # CPU threads per rank; 0 = all cores shared among the ranks
     dtype: str = "float32"           # float32 or bfloat16 (weights)
 
 
+PAPER = {  # the paper's settings: global batch 128 (8 ranks x 2 x 8 micro-steps), lr 1e-6, prompts up to
+    # 2,048 and responses up to 4,096 tokens, one rollout per prompt, 5 epochs = 275 steps; bf16 on GPUs
+    "mode": "vicur", "batch_size": 2, "grad_accum": 8, "lr": 1e-6, "warmup_steps": 0, "max_length": 6144,
+    "max_new_tokens": 4096, "num_rollouts": 1, "max_steps": 275, "dtype": "bfloat16", "device": "cuda"}
 PRESETS = {
     # name: overrides; a preset is a plain dict applied before the command line
     "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
+    "qwen3vl-2b": {**PAPER, "student": "Qwen/Qwen3-VL-2B-Instruct"},  # OPD: --teacher=Qwen/Qwen3-VL-8B-Instruct
+    "qwen3vl-8b": {**PAPER, "student": "Qwen/Qwen3-VL-8B-Instruct"},  # OPD: --teacher=Qwen/Qwen3-VL-32B-Instruct
 }
 # where a distillation mode's defaults differ from the Config defaults (which are SFT's)
 DISTILL_DEFAULTS = {"max_steps": 120, "lr": 2e-4, "warmup_steps": 10}
@@ -121,6 +128,8 @@ def parse_args(argv):
     fields = {f.name: f for f in dataclasses.fields(Config)}
     overrides = {}
     for arg in argv:
+        if arg.startswith("--") and "=" not in arg and type(getattr(Config, arg[2:], None)) is bool:
+            arg += "=true"                                              # --resume means --resume=true
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: expected --key=value, got '{arg}'")
         key, value = arg[2:].split("=", 1)
@@ -529,6 +538,24 @@ def sft_stage(config, rank, world_size):
     return ckpt
 
 
+def print_memory_plan(config, world_size):
+    """--dry_run: what one GPU holds for this config, from the model's shapes alone (model.memory_plan)."""
+    teacher = None
+    if config.mode in DISTILL_MODES:
+        teacher = config.init_from or config.student if config.teacher == "self" else config.teacher
+    tokens = config.batch_size * (config.num_rollouts if config.mode in DISTILL_MODES else 1) * config.max_length
+    rows = memory_plan(config.init_from or config.student, teacher, torch.finfo(getattr(torch, config.dtype)).bits // 8,
+                       tokens, tiny_processor().tokenizer)
+    total = sum(size for _, size in rows)
+    print(f"memory plan per GPU: {config.mode}, student {config.init_from or config.student}, {config.dtype}, "
+          f"world size {world_size}, micro-batch {tokens} tokens (global batch "
+          f"{config.batch_size * config.grad_accum * world_size})")
+    for name, size in rows + [("total", total)]:
+        print(f"  {name:<56} {size / 2**30:>8.1f} GiB")
+    print(f"  {'fits on an 80 GB card' if total < 80e9 else 'does NOT fit on an 80 GB card'}; a replica per rank, "
+          f"no sharding or recomputation (not built yet); the activation line is an estimate")
+
+
 def main(argv):
     config = parse_args(argv)
     if config.mode not in ["sft"] + DISTILL_MODES:
@@ -539,6 +566,8 @@ def main(argv):
     if config.mode in DISTILL_MODES and config.max_new_tokens >= config.max_length:
         raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
                          f"--max_length={config.max_length}")
+    if config.dry_run:
+        return print_memory_plan(config, int(os.environ.get("WORLD_SIZE", 1)))  # WORLD_SIZE=8 python train.py ...
     rank, world_size = init_distributed(config)
     if config.mode in DISTILL_MODES and not config.init_from and config.student in TINY_SIZES:
         if config.resume and not any(os.path.isdir(os.path.join(config.out_dir, d, "ckpt")) for d in ("", "sft")):

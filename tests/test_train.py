@@ -304,3 +304,20 @@ def test_resume_finds_the_checkpoint_of_a_run_killed_between_the_two_renames(tmp
     train.main(args + ["--max_steps=22", f"--out_dir={tmp_path}", "--resume=true"])
     assert [r["step"] for r in read_log(tmp_path) if "loss" in r][-2:] == [21, 22]
     assert not os.path.exists(tmp_path / "ckpt.old")
+
+
+def test_dry_run_prints_the_memory_plan_of_both_presets(capsys, monkeypatch):
+    from model import parameter_counts, tiny_processor
+    tokenizer = tiny_processor().tokenizer
+    # the shapes give the published sizes: Qwen3-VL-2B 2.13 B, 8B 8.77 B parameters
+    assert round(parameter_counts("Qwen/Qwen3-VL-2B-Instruct", tokenizer)[0] / 1e9, 2) == 2.13
+    assert round(parameter_counts("Qwen/Qwen3-VL-8B-Instruct", tokenizer)[0] / 1e9, 2) == 8.77
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    for preset, weights_gib in (("qwen3vl-2b", 2.13e9 * 2 / 2**30), ("qwen3vl-8b", 8.77e9 * 2 / 2**30)):
+        train.main([f"--preset={preset}", "--dry_run"])
+        printed = capsys.readouterr().out
+        assert "memory plan per GPU" in printed and "world size 8" in printed and "(global batch 128)" in printed
+        line = next(l for l in printed.splitlines() if "student weights" in l)
+        assert float(line.split()[-2]) == pytest.approx(weights_gib, abs=0.06)
+        assert "total" in printed and "80 GB card" in printed
+    assert train.parse_args(["--resume"]).resume is True
