@@ -261,6 +261,13 @@ def evaluation_cue_recall(model, processor, samples, batch_size=64):
             "box_area_share": torch.cat(areas).mean().item()}
 
 
+def recall_line(recall):
+    """evaluation_cue_recall's result as one printed line."""
+    per_layer = ", ".join(f"layer {layer}: {100 * r:.1f}%" for layer, r in zip(recall["layers"], recall["per_layer"]))
+    return (f"cue recall (the sink's attention inside the cue boxes): {100 * recall['recall']:.1f}% "
+            f"({per_layer}); the boxes cover {100 * recall['box_area_share']:.1f}% of the image")
+
+
 def heatmap(image, weights, boxes, grid_hw, layers, scale=3):
     """One panel per module layer: the image darkened where the sink does not look (the token with the
     largest weight is left as drawn), each token's share of the attention in %, the cue boxes in green.

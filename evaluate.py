@@ -277,10 +277,11 @@ def main(argv):
                        max_new_tokens=int(args.get("max_new_tokens", 96)))
     print(format_table({"student (image + question)": results}))
     results = {k: v for k, v in results.items() if k != "records"}
-    if cue_recovery.get(model) is not None and any(s.boxes for s in samples):
-        results["cue_recall"] = cue_recovery.evaluation_cue_recall(model, processor, samples, batch_size)
-        print(f"cue recall (the sink's attention inside the cue boxes): {100 * results['cue_recall']['recall']:.1f}%; "
-              f"the boxes cover {100 * results['cue_recall']['box_area_share']:.1f}% of the image")
+    recall = cue_recovery.evaluation_cue_recall(model, processor, samples, batch_size) \
+        if cue_recovery.get(model) is not None else None
+    if recall:
+        results["cue_recall"] = recall
+        print(cue_recovery.recall_line(recall))
     out = args.get("out", os.path.join(args["ckpt"], "eval.json"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

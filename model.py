@@ -176,8 +176,8 @@ def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer):
     rows = [("student weights", params * weight_bytes), ("gradients", params * weight_bytes),
             ("AdamW moments (2 per weight)", 2 * params * weight_bytes)]
     if teacher is not None:
-        rows.append((f"teacher weights ({teacher}), frozen", parameter_counts(teacher, tokenizer)[0] * weight_bytes))
-    tokens = micro_batch_tokens
-    rows += [("activations, estimate", 34 * tokens * hidden * layers * weight_bytes // 2),
-             ("logits (+ float32 copy and gradient)", tokens * vocab * (weight_bytes + 8))]
+        teacher_params = params if teacher == student else parameter_counts(teacher, tokenizer)[0]
+        rows.append((f"teacher weights ({teacher}), frozen", teacher_params * weight_bytes))
+    rows += [("activations, estimate", 34 * micro_batch_tokens * hidden * layers * weight_bytes // 2),
+             ("logits (+ float32 copy and gradient)", micro_batch_tokens * vocab * (weight_bytes + 8))]
     return rows

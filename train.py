@@ -387,14 +387,15 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                                                beta=config.beta, top_k=config.top_k, temperature=config.temperature,
                                                clip_eps=config.clip_eps)
                 else:
+                    ref_logprobs = token_logprobs(scored, tokens, config.temperature)
                     loss, stats = ptdpo_loss(
                         token_logprobs(student_logits, tokens, config.temperature), old_logprobs,
-                        token_logprobs(scored, tokens, config.temperature), tutoring["advantages"],
+                        ref_logprobs, tutoring["advantages"],
                         tutoring["gated"], tutoring["tutored"], student_logits, tutoring["tutor_logits"],
                         clip_eps=config.clip_eps, kl_coef=config.kl_coef, ptd_coef=config.ptd_coef,
                         top_k=config.top_k, beta=config.beta, stop_grad_weights=config.ptd_stop_grad,
                         entropy_coef=config.ptd_entropy_coef, temperature=config.temperature)
-                    stats["log_ratio"] = (old_logprobs - token_logprobs(scored, tokens, config.temperature)).mean().item()
+                    stats["log_ratio"] = (old_logprobs - ref_logprobs).mean().item()
                 (loss / config.grad_accum).backward()
             if epoch == 0:
                 add("loss", loss.item())
@@ -491,12 +492,6 @@ def run_evaluation(model, processor, eval_samples, config, privileged=True):
                                                      config.max_new_tokens,
                                                      messages_fn=lambda s: teacher_messages(s, "cues"))
     return columns
-
-
-def recall_line(recall):
-    per_layer = ", ".join(f"layer {layer}: {100 * r:.1f}%" for layer, r in zip(recall["layers"], recall["per_layer"]))
-    return (f"cue recall (the sink's attention inside the cue boxes): {100 * recall['recall']:.1f}% "
-            f"({per_layer}); the boxes cover {100 * recall['box_area_share']:.1f}% of the image")
 
 
 def strip_records(results):
@@ -678,9 +673,10 @@ def train(config, rank, world_size):
             columns = {"student before distillation": json.load(open(before_file)), **columns}
         table = format_table(columns)
         recall = None
-        if cue_recovery.get(model) is not None and any(s.boxes for s in eval_samples):
+        if cue_recovery.get(model) is not None:
             recall = cue_recovery.evaluation_cue_recall(model, processor, eval_samples, config.eval_batch_size)
-            notes.append(recall_line(recall))
+        if recall:
+            notes.append(cue_recovery.recall_line(recall))
         print(table + "".join("\n" + note for note in notes))
         with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
             json.dump({**strip_records(student),

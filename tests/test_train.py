@@ -85,9 +85,9 @@ class Crash(Exception):
     pass
 
 
-def test_resume_gives_the_same_steps_as_a_run_that_never_stopped(tmp_path, monkeypatch):
-    """Crash a run right after its step-20 checkpoint, resume it: steps 21..40 match the unbroken run."""
-    common = [a for a in SHORT_RUN if not a.startswith("--max_steps")] + ["--max_steps=40", "--num_eval=7"]
+def unbroken_and_resumed(common, tmp_path, monkeypatch):
+    """Run `common` to the end in tmp_path/full; in tmp_path/broken, crash right after the first
+    checkpoint and --resume. -> (full folder, broken folder, their step logs)."""
     full, broken = tmp_path / "full", tmp_path / "broken"
     train.main(common + [f"--out_dir={full}"])
     save = train.save_checkpoint
@@ -100,8 +100,13 @@ def test_resume_gives_the_same_steps_as_a_run_that_never_stopped(tmp_path, monke
         train.main(common + [f"--out_dir={broken}"])
     monkeypatch.setattr(train, "save_checkpoint", save)
     train.main(common + [f"--out_dir={broken}", "--resume=true"])
-    full_log = [r for r in read_log(full) if "loss" in r]
-    broken_log = [r for r in read_log(broken) if "loss" in r]
+    return full, broken, [[r for r in read_log(folder) if "loss" in r] for folder in (full, broken)]
+
+
+def test_resume_gives_the_same_steps_as_a_run_that_never_stopped(tmp_path, monkeypatch):
+    """Crash a run right after its step-20 checkpoint, resume it: steps 21..40 match the unbroken run."""
+    common = [a for a in SHORT_RUN if not a.startswith("--max_steps")] + ["--max_steps=40", "--num_eval=7"]
+    _, _, (full_log, broken_log) = unbroken_and_resumed(common, tmp_path, monkeypatch)
     assert [r["step"] for r in broken_log] == list(range(1, 21)) + list(range(21, 41))
     assert [r["loss"] for r in broken_log[20:]] == pytest.approx([r["loss"] for r in full_log[20:]], rel=1e-5)
 
@@ -213,20 +218,7 @@ def test_a_vicur_run_resumes_like_one_that_never_stopped(tiny, tmp_path, monkeyp
     processor.save_pretrained(start)
     common = ["--mode=vicur", f"--init_from={start}", "--max_steps=4", "--save_every=2", "--batch_size=2",
               "--max_new_tokens=8", "--num_eval=7", "--num_train=50", "--warmup_steps=1", "--cue_init=default"]
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    train.main(common + [f"--out_dir={full}"])
-    save = train.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise Crash()
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train.main(common + [f"--out_dir={broken}"])
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    train.main(common + [f"--out_dir={broken}", "--resume=true"])
-    full_log = [r for r in read_log(full) if "loss" in r]
-    broken_log = [r for r in read_log(broken) if "loss" in r]
+    full, broken, (full_log, broken_log) = unbroken_and_resumed(common, tmp_path, monkeypatch)
     assert [r["step"] for r in broken_log] == [1, 2, 3, 4]
     assert [r["loss"] for r in broken_log[2:]] == pytest.approx([r["loss"] for r in full_log[2:]], rel=1e-5)
     recalls = [json.load(open(folder / "eval.json"))["cue_recall"]["recall"] for folder in (full, broken)]
