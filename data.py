@@ -118,7 +118,7 @@ def count_question(rng, objects, pairs_only=None):
             color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS])
     found = [o for o in objects if matches(o, color, shape)]
     what = describe(color, shape)
-    return (f"how many {what} are there ?", str(len(found)), [found],
+    return (f"how many {what} are there ?", str(len(found)), [(what, found)],
             f"{what} : {cells_text(found)} .", f"the {what} are at : {cells_text(found)}")
 
 
@@ -148,7 +148,7 @@ def attribute_question(rng, objects):
     else:
         obj = rng.choice(unique_objects(objects, lambda o: (o.color, o.shape)))
         question, name, answer = f"is the {obj.color} {obj.shape} big or small ?", f"the {obj.color} {obj.shape}", obj.size
-    return (question, answer, [[obj]], f"{name} is at {obj.cell} . it is {answer} .", f"{name} is at {obj.cell}")
+    return (question, answer, [(name, [obj])], f"{name} is at {obj.cell} . it is {answer} .", f"{name} is at {obj.cell}")
 
 
 def spatial_question(rng, objects):
@@ -167,7 +167,7 @@ def spatial_question(rng, objects):
     where = f"{a} is at {first.cell} . {b} is at {second.cell}"
     names = (first.cell[1], second.cell[1]) if axis == "column" else (first.cell[0], second.cell[0])
     steps = f"{where} . {axis} {names[0]} is {'' if holds else 'not '}{relation} {axis} {names[1]} ."
-    return f"is {a} {relation} {b} ?", "yes" if holds else "no", [[first], [second]], steps, where
+    return f"is {a} {relation} {b} ?", "yes" if holds else "no", [(a, [first]), (b, [second])], steps, where
 
 
 def two_groups(rng, objects):
@@ -190,7 +190,7 @@ def compare_question(rng, objects):
     more = len(group1) > len(group2)
     steps = f"{where} . {len(group1)} is {'' if more else 'not '}more than {len(group2)} ."
     return (f"are there more {w1} than {w2} ?", "yes" if len(group1) > len(group2) else "no",
-            [group1, group2], steps, where)
+            [(w1, group1), (w2, group2)], steps, where)
 
 
 def arithmetic_question(rng, objects):
@@ -201,7 +201,7 @@ def arithmetic_question(rng, objects):
     where = f"{w1} : {cells_text(group1)} . {w2} : {cells_text(group2)}"
     total = len(group1) + len(group2)
     steps = f"{where} . {len(group1)} plus {len(group2)} is {total} ."
-    return f"how many {w1} and {w2} are there in total ?", str(total), [group1, group2], steps, where
+    return f"how many {w1} and {w2} are there in total ?", str(total), [(w1, group1), (w2, group2)], steps, where
 
 
 def make_sample(rng, task, index, seed):
@@ -222,8 +222,9 @@ def make_sample(rng, task, index, seed):
         if made is not None:
             break
     question, answer, groups, steps, cue = made
-    relevant = [o for group in groups for o in group]
-    steps = grid_scan(objects) + " . " + steps  # look at every cell first, then reason over what was seen
+    relevant = [o for _, group in groups for o in group]
+    marks = {o.cell: name for name, group in groups for o in group}
+    steps = grid_scan(objects, marks) + " . " + steps  # look at every cell first, then reason over what was seen
     return Sample(image=render(objects), question=question, answer=answer,
                   rationale=f"{steps} so the answer is {answer} .", cue=cue,
                   boxes=[o.box for o in relevant], task=task, id=f"{task}-{seed}-{index}"), objects
@@ -240,11 +241,15 @@ def eval_world(num_samples, seed=0):
     return make_world(num_samples, seed=EVAL_SEED_OFFSET + seed, families=FAMILIES)
 
 
-def grid_scan(objects):
-    """Every cell in reading order with what it holds: 'a1 big red circle . a2 none . ...'."""
-    by_cell = {o.cell: o for o in objects}
-    return " . ".join(f"{c} {by_cell[c].size} {by_cell[c].color} {by_cell[c].shape}" if c in by_cell else f"{c} none"
-                      for c in CELLS)
+def grid_scan(objects, marks=None):
+    """Every cell in reading order with what it holds, and which of the question's groups an object
+    belongs to: 'a1 big red circle : red objects . a2 none . a3 small blue square . ...'.
+    Marking membership where the object is seen keeps each reasoning step local: a tiny model that
+    read every cell right still failed to pick the matching cells back out of an unmarked scan."""
+    by_cell, marks = {o.cell: o for o in objects}, marks or {}
+    seen = [f"{c} {by_cell[c].size} {by_cell[c].color} {by_cell[c].shape}" if c in by_cell else f"{c} none"
+            for c in CELLS]
+    return " . ".join(f"{text} : {marks[c]}" if c in marks else text for text, c in zip(seen, CELLS))
 
 
 def describe_sample(rng, index, seed):
