@@ -148,7 +148,8 @@ def num_parameters(model):
 
 
 def parameter_counts(name_or_path, tokenizer):
-    """(total, text decoder hidden size, layers, vocab) of a model, built on the meta device (no memory,
+    """(total, text decoder hidden size, layers, vocab, vision tower) parameter counts and shapes of a
+    model, built on the meta device (no memory,
     no weights): a QWEN3_VL_SHAPES name, a tiny size, or a local directory with a config.json."""
     if name_or_path in QWEN3_VL_SHAPES:
         config = shaped_config(name_or_path, tokenizer)
@@ -162,22 +163,33 @@ def parameter_counts(name_or_path, tokenizer):
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(config)
     text = config.get_text_config()
-    return num_parameters(model), text.hidden_size, text.num_hidden_layers, text.vocab_size
+    return (num_parameters(model), text.hidden_size, text.num_hidden_layers, text.vocab_size,
+            num_parameters(model.model.visual))
 
 
-def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer):
-    """Per-GPU memory, in bytes, of one rank's training step as train.py runs it (a plain replica per rank):
-    weights, gradients and AdamW's two moments in the weights' dtype (torch keeps them in the parameter's
-    dtype), a frozen teacher (None: none; the self teacher is a second copy of the student), and an
-    activation estimate for one micro-batch of T tokens: 34 T d bytes per decoder layer in 16-bit
-    without recomputation (Korthikanti et al. 2022, attention scores left out as SDPA never stores
-    them), plus the logits: T V in the weights' dtype and twice T V in float32 (the upcast and its gradient)."""
-    params, hidden, layers, vocab = parameter_counts(student, tokenizer)
-    rows = [("student weights", params * weight_bytes), ("gradients", params * weight_bytes),
-            ("AdamW moments (2 per weight)", 2 * params * weight_bytes)]
+def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, world_size=1,
+                shard_optimizer=False, grad_ckpt=False, freeze_vision=False):
+    """Per-GPU memory, in bytes, of one rank's training step as train.py runs it: weights and gradients
+    in the weights' dtype (gradients only for what trains: not the vision tower under freeze_vision),
+    train.FlatAdamW's float32 master weights and two moments (12 bytes per trained weight, split over
+    the ranks when sharded), a frozen teacher (None: none; the self teacher is a second copy of the
+    student), and an activation estimate for one micro-batch of T tokens: 34 T d bytes per decoder layer
+    in 16-bit without recomputation (Korthikanti et al. 2022, attention scores left out as SDPA never
+    stores them), 2 T d per layer (its input) plus one layer's 34 T d with grad_ckpt; plus the logits:
+    T V in the weights' dtype and twice T V in float32 (the upcast and its gradient)."""
+    params, hidden, layers, vocab, vision = parameter_counts(student, tokenizer)
+    trained = params - vision if freeze_vision else params
+    shards = world_size if shard_optimizer else 1
+    rows = [("student weights", params * weight_bytes),
+            ("gradients" + (" (vision tower frozen)" if freeze_vision else ""), trained * weight_bytes),
+            (f"optimizer: fp32 master weights + 2 moments" + (f", 1/{shards} shard" if shards > 1 else ""),
+             12 * trained // shards)]
     if teacher is not None:
         teacher_params = params if teacher == student else parameter_counts(teacher, tokenizer)[0]
         rows.append((f"teacher weights ({teacher}), frozen", teacher_params * weight_bytes))
-    rows += [("activations, estimate", 34 * micro_batch_tokens * hidden * layers * weight_bytes // 2),
+    per_layer = 34 * micro_batch_tokens * hidden * weight_bytes // 2
+    activations = (2 * micro_batch_tokens * hidden * weight_bytes * layers + per_layer) if grad_ckpt \
+        else per_layer * layers
+    rows += [("activations, estimate" + (" (recomputed per layer)" if grad_ckpt else ""), activations),
              ("logits (+ float32 copy and gradient)", micro_batch_tokens * vocab * (weight_bytes + 8))]
     return rows

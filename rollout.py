@@ -75,7 +75,10 @@ VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 @torch.no_grad()
 def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, presence_penalty=0.0,
            max_new_tokens=64, greedy=False, generator=None):
-    """Sample n completions per prompt of a collated, left-padded batch -> Rollout."""
+    """Sample n completions per prompt of a collated, left-padded batch -> Rollout.
+    generator: one torch.Generator for the whole batch, or a list with one per row of the repeated
+    batch (prompt-major: prompt 0's n rows first). With one per row, a row's tokens do not depend on
+    which other rows share its batch: what makes a data-parallel run equal a single-process one."""
     batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
     tokenizer = processor.tokenizer
     device = batch["input_ids"].device
@@ -109,7 +112,10 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
         else:
             scaled = logits / temperature
             probs = filter_logits(allowed / temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            if isinstance(generator, (list, tuple)):
+                token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+            else:
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             token_logprob = scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)

@@ -92,24 +92,31 @@ class Config:
     # the SFT stage before distilling a tiny (random) student without --init_from
     sft_steps: int = 1600
     # SFT: the share of samples shown with privileged context, and of scene descriptions
-    sft_cue_frac: float = 0.25
+    sft_cue_frac: float = 0.4
     sft_answer_frac: float = 0.1
     sft_describe_frac: float = 0.2
     dry_run: bool = False            # print the per-GPU memory plan and stop (no weights are loaded)
     device: str = "cpu"
     threads: int = 0                 # CPU threads per rank; 0 = all cores shared among the ranks
-    dtype: str = "float32"           # float32 or bfloat16 (weights)
+    dtype: str = "float32"           # float32 or bfloat16 (weights; the optimizer keeps float32 master weights)
+    shard_optimizer: bool = False    # split the optimizer's state (master weights, moments) across ranks
+    grad_ckpt: bool = False          # recompute each decoder layer's activations in the backward pass
+    freeze_vision: bool = False      # train the language model (and the cue module), not the vision tower
 
 
 PAPER = {  # the paper's settings: global batch 128 (8 ranks x 2 x 8 micro-steps), lr 1e-6, prompts up to
-    # 2,048 and responses up to 4,096 tokens, one rollout per prompt, 5 epochs = 275 steps; bf16 on GPUs
+    # 2,048 and responses up to 4,096 tokens, one rollout per prompt, 5 epochs = 275 steps; bf16 on GPUs,
+    # and here the optimizer state sharded and activations recomputed, so that each fits an 80 GB card
     "mode": "vicur", "batch_size": 2, "grad_accum": 8, "lr": 1e-6, "warmup_steps": 0, "max_length": 6144,
-    "max_new_tokens": 4096, "num_rollouts": 1, "max_steps": 275, "dtype": "bfloat16", "device": "cuda"}
+    "max_new_tokens": 4096, "num_rollouts": 1, "max_steps": 275, "dtype": "bfloat16", "device": "cuda",
+    "shard_optimizer": True, "grad_ckpt": True}
 PRESETS = {
     # name: overrides; a preset is a plain dict applied before the command line
     "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
     "qwen3vl-2b": {**PAPER, "student": "Qwen/Qwen3-VL-2B-Instruct"},  # OPD: --teacher=Qwen/Qwen3-VL-8B-Instruct
-    "qwen3vl-8b": {**PAPER, "student": "Qwen/Qwen3-VL-8B-Instruct"},  # OPD: --teacher=Qwen/Qwen3-VL-32B-Instruct
+    # the same global batch in micro-batches of 1 (8 ranks x 1 x 16): the logits of 2 x 6,144 tokens do not fit
+    "qwen3vl-8b": {**PAPER, "student": "Qwen/Qwen3-VL-8B-Instruct", "batch_size": 1, "grad_accum": 16},
+    # OPD: --teacher=Qwen/Qwen3-VL-32B-Instruct
 }
 # where a distillation mode's defaults differ from the Config defaults (which are SFT's)
 DISTILL_DEFAULTS = {"max_steps": 120, "lr": 2e-4, "warmup_steps": 10}
@@ -207,6 +214,118 @@ def all_reduce_mean(value, world_size, device="cpu"):
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / world_size
+
+
+class FlatAdamW:
+    """AdamW by hand on one flat float32 copy of the trainable weights (the master weights), with its
+    state split across ranks when shard=True (ZeRO stage 1). One step, w and g flat, t the step:
+
+        g_r  = the ranks' average gradient on rank r's shard   reduce-scatter (gloo: all_reduce, then slice)
+        g    = g * min(1, clip / (||g|| + 1e-6))              ||g|| over all shards: one all_reduce
+        w    = w (1 - lr wd)
+        m    = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        w    = w - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)     torch.optim.AdamW's formula
+        all-gather the updated shards into every rank's model, cast to the model's dtype
+
+    Each rank keeps 12 bytes per weight / world_size (w, m, v in float32) instead of a full copy, and
+    bf16 weights get float32 master weights and moments, where an lr of 1e-6 does not round away.
+    With shard=False the caller has averaged the gradients already and the shard is everything."""
+
+    def __init__(self, params, lr, weight_decay, betas, rank, world_size, shard, eps=1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.total = sum(p.numel() for p in self.params)
+        self.parts = world_size if shard else 1
+        self.size = math.ceil(self.total / self.parts)                 # shard length (the last one padded)
+        self.rank, self.start = rank, (rank * self.size if shard else 0)
+        self.world_size, self.weight_decay, self.betas, self.eps = world_size, weight_decay, betas, eps
+        self.param_groups = [{"lr": lr}]                                 # set by the loop, as on torch's optimizers
+        self.master = self.shard_of(torch.cat([p.detach().float().reshape(-1) for p in self.params]))
+        self.exp_avg, self.exp_avg_sq, self.t = torch.zeros_like(self.master), torch.zeros_like(self.master), 0
+
+    def shard_of(self, flat):
+        flat = torch.nn.functional.pad(flat, (0, self.size * self.parts - flat.numel()))
+        return flat[self.start:self.start + self.size].clone()
+
+    def flat_gradient(self):
+        """The gradients in one padded flat buffer, each p.grad freed as soon as it is copied."""
+        flat = torch.zeros(self.size * self.parts, dtype=self.params[0].dtype, device=self.master.device)
+        offset = 0
+        for p in self.params:
+            if p.grad is not None:
+                flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad, offset = None, offset + p.numel()
+        return flat
+
+    def gather(self, shard):
+        """Every rank's shard of a flat vector -> the whole vector (without the padding), on every rank."""
+        if self.parts == 1:
+            return shard[:self.total]
+        if dist.get_backend() == "nccl":
+            out = torch.empty(self.size * self.parts, dtype=shard.dtype, device=shard.device)
+            dist.all_gather_into_tensor(out, shard)
+        else:
+            pieces = [torch.empty_like(shard) for _ in range(self.parts)]
+            dist.all_gather(pieces, shard)
+            out = torch.cat(pieces)
+        return out[:self.total]
+
+    def gather_to_cpu(self, shard):
+        """The whole vector in rank 0's CPU memory (None on the others), one shard in flight at a time:
+        for a checkpoint, where a float32 copy of every weight would not fit beside the model on a GPU."""
+        pieces = []
+        for source in range(self.parts):
+            piece = shard.clone() if source == self.rank else torch.empty_like(shard)
+            if self.parts > 1:
+                dist.broadcast(piece, src=source)
+            pieces.append(piece.cpu() if self.rank == 0 else None)
+        return torch.cat(pieces)[:self.total] if self.rank == 0 else None
+
+    @torch.no_grad()
+    def step(self, grad_clip):
+        """One update from the parameters' .grad; returns the global gradient norm before clipping."""
+        flat = self.flat_gradient()
+        if self.parts == 1:
+            grad = flat.float()
+        elif dist.get_backend() == "nccl":
+            grad = torch.empty(self.size, dtype=flat.dtype, device=flat.device)
+            dist.reduce_scatter_tensor(grad, flat)
+            grad = grad.float() / self.world_size
+        else:                                                          # gloo has no reduce_scatter
+            dist.all_reduce(flat)
+            grad = flat[self.start:self.start + self.size].float() / self.world_size
+        del flat
+        norm_sq = grad.double().pow(2).sum()
+        if self.parts > 1:
+            dist.all_reduce(norm_sq)
+        norm = norm_sq.sqrt().item()
+        grad *= min(1.0, grad_clip / (norm + 1e-6))
+        lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
+        self.t += 1
+        self.master.mul_(1 - lr * self.weight_decay)
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.t)).add_(self.eps)
+        self.master.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** self.t))
+        offset, weights = 0, self.gather(self.master.to(self.params[0].dtype))  # all-gather in the model's dtype
+        for p in self.params:
+            p.copy_(weights[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return norm
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self):
+        """The whole state on rank 0, gathered from all shards (every rank must call it), so that a
+        checkpoint resumes on any world size."""
+        return {"t": self.t, **{name: self.gather_to_cpu(getattr(self, name))
+                                for name in ("master", "exp_avg", "exp_avg_sq")}}
+
+    def load_state_dict(self, state):
+        self.t = state["t"]
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            setattr(self, name, self.shard_of(state[name].to(self.master.device)))
 
 
 # ----------------------------------------------------------------------------- data
@@ -345,10 +464,16 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
     rollouts = []
     for micro in range(config.grad_accum):
         rng = step_rng(config, step * config.grad_accum + micro)
-        prompts = [samples[rng.randrange(len(samples))] for _ in range(config.batch_size * world_size)][rank::world_size]
-        rows = [s for s in prompts for _ in range(config.num_rollouts)]
+        global_size, n = config.batch_size * world_size, config.num_rollouts
+        chosen = [samples[rng.randrange(len(samples))] for _ in range(global_size)]
+        seeds = [rng.randrange(2**62) for _ in range(global_size * n)]   # one per rollout of the global batch
+        mine = range(rank, global_size, world_size)
+        prompts = [chosen[i] for i in mine]
+        rows = [s for s in prompts for _ in range(n)]
         with timed(times, "sample"):
-            generator = torch.Generator(device=config.device).manual_seed(rng.randrange(2**62) + rank)
+            # each rollout draws from its own seeded generator, so that it is the same token for token
+            # whichever rank samples it and whatever shares its batch
+            generator = [torch.Generator(device=config.device).manual_seed(seeds[i * n + j]) for i in mine for j in range(n)]
             # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
             prompt = collate(processor, [student_messages(s) for s in prompts],
                              max_length=config.max_length - config.max_new_tokens)
@@ -373,9 +498,13 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
         student_batch = scoring_batch(processor, [student_messages(s) for s in rows], completions, config.max_length)
         rollouts.append((rows, rollout, scored, tutoring, gap, to_device(student_batch, config.device)))
 
+    # L = (1 / N) sum over the step's N completion tokens (all micro-batches, all ranks), as in sft_step:
+    # a micro-batch's token mean is weighted by its share of N, times world_size for all_reduce's average
+    with timed(times, "communication"):
+        total = all_reduce_mean(float(sum(int(r[1].completion_mask.sum()) for r in rollouts)), world_size) * world_size
     metrics = {}
-    def add(name, value):
-        metrics[name] = metrics.get(name, 0.0) + value / config.grad_accum
+    def add(name, value, weight):
+        metrics[name] = metrics.get(name, 0.0) + value * weight
 
     for epoch in range(config.ppo_epochs):
         for rows, rollout, scored, tutoring, gap, student_batch in rollouts:
@@ -396,20 +525,22 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                         top_k=config.top_k, beta=config.beta, stop_grad_weights=config.ptd_stop_grad,
                         entropy_coef=config.ptd_entropy_coef, temperature=config.temperature)
                     stats["log_ratio"] = (old_logprobs - ref_logprobs).mean().item()
-                (loss / config.grad_accum).backward()
+                per_token = len(tokens) * world_size / total     # token-mean stats: their share of N
+                (loss * per_token).backward()
             if epoch == 0:
-                add("loss", loss.item())
+                per_row = 1 / config.grad_accum                 # per-rollout stats: every micro-batch has as many
+                add("loss", loss.item(), per_token)
                 for name, value in stats.items():
-                    add(name, value)
-                add("student_entropy", entropy(student_logits.detach()).mean().item())
-                add("teacher_entropy", entropy(scored).mean().item())
-                add("rollout_length", rollout.lengths.float().mean().item())
-                add("reward", sum(score(t, s.answer) for t, s in zip(rollout.texts, rows)) / len(rows))
-                add("privilege_gap", gap)
-                add("hint_leakage", hint_leakage(rows, rollout.texts, privilege))
+                    add(name, value, per_token)
+                add("student_entropy", entropy(student_logits.detach()).mean().item(), per_token)
+                add("teacher_entropy", entropy(scored).mean().item(), per_token)
+                add("privilege_gap", gap, per_token)
+                add("rollout_length", rollout.lengths.float().mean().item(), per_row)
+                add("reward", sum(score(t, s.answer) for t, s in zip(rollout.texts, rows)) / len(rows), per_row)
+                add("hint_leakage", hint_leakage(rows, rollout.texts, privilege), per_row)
                 if tutoring is not None:
-                    add("failed_share", 1 - tutoring["rewards"].mean().item())
-                    add("gated_share", tutoring["gated"].float().mean().item())
+                    add("failed_share", 1 - tutoring["rewards"].mean().item(), per_row)
+                    add("gated_share", tutoring["gated"].float().mean().item(), per_row)
         if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
             optimizer_step(student, optimizer, config, times, world_size)
     return metrics
@@ -418,27 +549,27 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
 # ----------------------------------------------------------------------------- the optimizer step
 
 def optimizer_step(model, optimizer, config, times, world_size):
-    """Average gradients across ranks (explicit all_reduce), clip, step, zero."""
-    with timed(times, "communication"):
-        all_reduce_gradients(model, world_size)
+    """Average gradients across ranks (explicit all_reduce; the sharded optimizer reduce-scatters them
+    itself, and its communication is timed as part of its step), clip, update; returns the norm."""
+    if optimizer.parts == 1:
+        with timed(times, "communication"):
+            all_reduce_gradients(model, world_size)
     with timed(times, "optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+        return optimizer.step(config.grad_clip)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(model, processor, optimizer, step, config):
-    """Write out_dir/ckpt atomically: into a temporary folder, then rename over the old one."""
+def save_checkpoint(model, processor, optimizer_state, step, config):
+    """Write out_dir/ckpt atomically: into a temporary folder, then rename over the old one.
+    optimizer_state is FlatAdamW.state_dict(), which every rank computes (it gathers the shards)."""
     final = os.path.join(config.out_dir, "ckpt")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     cue_recovery.save(model, tmp)  # the sink module's weights and layers, when the model has one
     processor.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(config),
+    torch.save({"optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(config),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                os.path.join(tmp, "train_state.pt"))
     old = final + ".old"
@@ -461,7 +592,8 @@ def check_ranks_agree(model, step, world_size):
 
 
 def load_train_state(config, optimizer):
-    state = torch.load(os.path.join(config.out_dir, "ckpt", "train_state.pt"), weights_only=False)
+    # memory-mapped: each rank reads only its own shard of the optimizer state
+    state = torch.load(os.path.join(config.out_dir, "ckpt", "train_state.pt"), weights_only=False, mmap=True)
     optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
@@ -540,15 +672,16 @@ def print_memory_plan(config, world_size):
         teacher = config.init_from or config.student if config.teacher == "self" else config.teacher
     tokens = config.batch_size * (config.num_rollouts if config.mode in DISTILL_MODES else 1) * config.max_length
     rows = memory_plan(config.init_from or config.student, teacher, torch.finfo(getattr(torch, config.dtype)).bits // 8,
-                       tokens, tiny_processor().tokenizer)
+                       tokens, tiny_processor().tokenizer, world_size, config.shard_optimizer, config.grad_ckpt,
+                       config.freeze_vision)
     total = sum(size for _, size in rows)
     print(f"memory plan per GPU: {config.mode}, student {config.init_from or config.student}, {config.dtype}, "
           f"world size {world_size}, micro-batch {tokens} tokens (global batch "
           f"{config.batch_size * config.grad_accum * world_size})")
     for name, size in rows + [("total", total)]:
         print(f"  {name:<56} {size / 2**30:>8.1f} GiB")
-    print(f"  {'fits on an 80 GB card' if total < 80e9 else 'does NOT fit on an 80 GB card'}; a replica per rank, "
-          f"no sharding or recomputation (not built yet); the activation line is an estimate")
+    print(f"  {'fits on an 80 GB card' if total < 80e9 else 'does NOT fit on an 80 GB card'}; the activation line "
+          f"is an estimate; --shard_optimizer, --grad_ckpt and --freeze_vision each shrink a line")
 
 
 def main(argv):
@@ -597,8 +730,12 @@ def train(config, rank, world_size):
     # the self teacher is a copy of the student as it starts, taken before the student gets its module
     teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
     attach_cue_recovery(model, processor, config, rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.95))
+    if config.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if config.grad_ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    optimizer = FlatAdamW(model.parameters(), config.lr, config.weight_decay, (0.9, 0.95), rank, world_size,
+                          shard=config.shard_optimizer)
     step = load_train_state(config, optimizer) if config.resume else 0
 
     if rank == 0:
@@ -654,13 +791,15 @@ def train(config, rank, world_size):
                 model.train()
         if (step + 1) % config.save_every == 0:
             check_ranks_agree(model, step + 1, world_size)
+            optimizer_state = optimizer.state_dict()
             if rank == 0:
-                save_checkpoint(model, processor, optimizer, step + 1, config)
+                save_checkpoint(model, processor, optimizer_state, step + 1, config)
     train_time = time.time() - start_time
 
     check_ranks_agree(model, config.max_steps, world_size)
+    optimizer_state = optimizer.state_dict()
     if rank == 0:
-        save_checkpoint(model, processor, optimizer, config.max_steps, config)
+        save_checkpoint(model, processor, optimizer_state, config.max_steps, config)
         notes = []
         if teacher is not None:
             probe_after = probe_log_ratio(model, teacher, processor, probe, privilege, config.max_length, config.max_new_tokens)

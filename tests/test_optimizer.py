@@ -1,0 +1,93 @@
+"""train.FlatAdamW against torch.optim.AdamW, its float32 master weights under bf16, and the memory
+switches: --grad_ckpt (same gradients) and --freeze_vision (the vision tower stays as it was)."""
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cue_recovery
+import train
+from data import collate, completion_token_ids, make_world, student_messages
+from model import load_model
+
+
+def test_flat_adamw_equals_torch_adamw_with_clipping_and_weight_decay():
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    ours = copy.deepcopy(reference)
+    torch_adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    flat_adamw = train.FlatAdamW(ours.parameters(), 1e-2, 0.1, (0.9, 0.95), rank=0, world_size=1, shard=False)
+    for step in range(20):
+        x = torch.randn(8, 6)
+        lr = 1e-2 * (1 - step / 40)                        # a changing lr, set the way the loop sets it
+        for model, optimizer in ((reference, torch_adamw), (ours, flat_adamw)):
+            optimizer.param_groups[0]["lr"] = lr
+            (model(x).pow(2).sum() * 10).backward()        # large gradients: the clip at 1.0 binds
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0).item()
+        torch_adamw.step()
+        torch_adamw.zero_grad()
+        assert flat_adamw.step(grad_clip=1.0) == pytest.approx(norm, rel=1e-5)
+        assert norm > 1.0
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in ours.parameters())
+
+
+def test_bf16_weights_follow_float32_master_weights():
+    """lr 1e-4 on weights near 1: each step's change is below bf16's spacing there (2^-7), so AdamW on bf16
+    weights never moves them, while the float32 master accumulates the steps and bf16 shows their sum."""
+    start = (torch.ones(64) + torch.linspace(0, 0.5, 64)).bfloat16().float()   # representable in bf16
+    grads = [torch.randn(64, generator=torch.Generator().manual_seed(s)).bfloat16().float() for s in range(300)]
+    reference = torch.nn.Parameter(start.clone())
+    bf16_naive = torch.nn.Parameter(start.clone().bfloat16())
+    bf16_ours = torch.nn.Parameter(start.clone().bfloat16())
+    optimizers = [torch.optim.AdamW([reference], lr=1e-4, weight_decay=0.0),
+                  torch.optim.AdamW([bf16_naive], lr=1e-4, weight_decay=0.0),
+                  train.FlatAdamW([bf16_ours], 1e-4, 0.0, (0.9, 0.999), rank=0, world_size=1, shard=False)]
+    for grad in grads:
+        for p, optimizer in zip((reference, bf16_naive, bf16_ours), optimizers):
+            p.grad = grad.to(p.dtype)
+            optimizer.step() if optimizer is not optimizers[2] else optimizer.step(grad_clip=1e9)
+    assert torch.equal(bf16_naive.detach(), start.bfloat16())                      # stuck
+    assert torch.equal(bf16_ours.detach(), reference.detach().bfloat16())          # moved as float32 did
+    assert not torch.equal(bf16_ours.detach(), start.bfloat16())
+    torch.testing.assert_close(optimizers[2].master, reference.detach(), rtol=0, atol=1e-6)
+
+
+def training_batch(processor, n=3):
+    samples = make_world(n, seed=3)
+    return collate(processor, [student_messages(s) for s in samples],
+                   [completion_token_ids(processor, s.rationale) for s in samples])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    """Recomputed activations (with the cue module's hooks inside the recomputed layers) change nothing."""
+    _, processor = tiny
+    batch = training_batch(processor)
+    results = []
+    for grad_ckpt in (False, True):
+        model, _ = load_model("tiny", seed=0)
+        cue_recovery.attach(model, processor, init="default")  # a module that acts, so its hooks matter
+        model.train()
+        if grad_ckpt:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            assert model.is_activation_checkpointing
+        loss, _ = train.sft_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_freeze_vision_trains_the_language_model_only(tmp_path):
+    train.main(["--mode=sft", "--max_steps=2", "--num_train=32", "--num_eval=7", "--batch_size=4",
+                "--max_new_tokens=4", "--freeze_vision", "--grad_ckpt", f"--out_dir={tmp_path}"])
+    start, _ = load_model("tiny", seed=0)
+    start = {k: v for k, v in start.state_dict().items()}
+    trained = load_file(tmp_path / "ckpt" / "model.safetensors")
+    vision = [k for k in start if ".visual." in f".{k}"]
+    assert vision and all(torch.equal(trained[k], start[k]) for k in vision if k in trained)
+    assert not torch.equal(trained["lm_head.weight"], start["lm_head.weight"])
