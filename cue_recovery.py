@@ -244,7 +244,7 @@ def evaluation_cue_recall(model, processor, samples, batch_size=64):
     """Cue recall over the samples that have boxes, from the student's own prompt (image + question):
     {'layers', 'per_layer', 'recall' (their mean), 'box_area_share' (what uniform attention would get)},
     or None when no sample has boxes."""
-    rows = [s for s in samples if s.boxes]
+    rows = [s for s in samples if s.boxes and hasattr(s.image, "size")]   # boxes belong to one image
     if not rows:
         return None
     patch, merge = processor.image_processor.patch_size, processor.image_processor.merge_size
@@ -299,6 +299,9 @@ def heatmap(image, weights, boxes, grid_hw, layers, scale=3):
 
 def write_heatmaps(model, processor, samples, folder):
     """Heat maps of the sink's attention for `samples` as folder/<id>.png -> the paths."""
+    several = [s.id for s in samples if not hasattr(s.image, "size")]
+    if several:
+        raise ValueError(f"heat maps are drawn over one image per sample; {several[:3]} have a video or several")
     os.makedirs(folder, exist_ok=True)
     batch = to_device(collate(processor, [student_messages(s) for s in samples]), model.device)
     weights = sink_attention(model, batch).float().cpu()                       # (B, M, N)

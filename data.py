@@ -39,7 +39,7 @@ MAX_IMAGE_PIXELS = 40_000_000  # a larger image is almost surely a mistake in th
 
 @dataclass
 class Sample:
-    image: Image.Image
+    image: Image.Image | list[Image.Image] | None  # a list for several images; None for a video question
     question: str
     answer: str
     rationale: str | None = None
@@ -47,6 +47,9 @@ class Sample:
     boxes: list[list[float]] = field(default_factory=list)  # [x0, y0, x1, y1] pixels
     task: str = "default"
     id: str = ""
+    video: str | None = None                # a folder of a video's frames (load_frames); then image is None
+    choices: list[str] = field(default_factory=list)  # multiple choice: the options' texts, A first
+    tolerance: float = 0.0                  # a numeric answer within this distance of `answer` is right
 
 
 # ----------------------------------------------------------------------------- the world
@@ -279,11 +282,16 @@ def write_jsonl(samples, path):
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     with open(path, "w") as f:
         for i, sample in enumerate(samples):
+            if not isinstance(sample.image, Image.Image):
+                raise ValueError(f"write_jsonl writes one image per sample; sample {sample.id or i} has "
+                                 f"{'a video' if sample.video else type(sample.image).__name__}")
             name = f"images/{sample.id or i}.png"
             sample.image.save(os.path.join(folder, name))
             record = {"image": name, "question": sample.question, "answer": sample.answer,
                       "rationale": sample.rationale, "cue": sample.cue, "boxes": sample.boxes,
-                      "task": sample.task, "id": sample.id}
+                      "task": sample.task, "id": sample.id,
+                      **({"choices": sample.choices} if sample.choices else {}),
+                      **({"tolerance": sample.tolerance} if sample.tolerance else {})}
             f.write(json.dumps(record) + "\n")
 
 
@@ -301,7 +309,14 @@ def parse_record(line, folder):
     for key in ("rationale", "cue", "task", "id"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise ValueError(f"field '{key}' must be a string, got {type(record[key]).__name__}")
-    unknown = set(record) - {"image", "question", "answer", "rationale", "cue", "boxes", "task", "id"}
+    choices = record.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError("field 'choices' must be a list of strings (the options' texts, A first)")
+    tolerance = record.get("tolerance") or 0.0
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"field 'tolerance' must be a number >= 0, got {tolerance!r}")
+    unknown = set(record) - {"image", "question", "answer", "rationale", "cue", "boxes", "task", "id", "choices",
+                             "tolerance"}
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}")
     image_path = os.path.join(folder, record["image"])
@@ -329,7 +344,8 @@ def parse_record(line, folder):
             raise ValueError(f"box {box} is not inside the {width}x{height} image with x0<x1, y0<y1")
     return Sample(image=image, question=record["question"], answer=record["answer"],
                   rationale=record.get("rationale"), cue=record.get("cue"), boxes=boxes,
-                  task=record.get("task") or "default", id=record.get("id") or "")
+                  task=record.get("task") or "default", id=record.get("id") or "", choices=choices,
+                  tolerance=float(tolerance))
 
 
 def load_jsonl(path, skip_bad=False):
@@ -365,21 +381,54 @@ def load_jsonl(path, skip_bad=False):
 
 # ----------------------------------------------------------------------------- prompts and batches
 
-def user_message(images, text, extra_images=()):
-    """One user turn: the images, the text, then any extra images (crops) after the text."""
-    parts = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
-    return {"role": "user", "content": parts + [{"type": "image", "image": image} for image in extra_images]}
+VIDEO_FRAMES = 64  # the paper's Video-MME setting
 
 
-def chat_images(chat):
-    """The PIL images of a chat, in the order the chat template places them."""
-    return [part["image"] for message in chat if not isinstance(message["content"], str)
-            for part in message["content"] if part["type"] == "image"]
+def load_frames(folder, count=VIDEO_FRAMES):
+    """(frames, frames per second) of a video extracted beforehand into folder (image files, in name
+    order; the runtime has no video decoder), e.g. 64 evenly spaced frames of a video of D seconds:
+        ffmpeg -i VIDEO.mp4 -vf "fps=64/D" -frames:v 64 FOLDER/%03d.jpg
+    More than count frames are thinned evenly to count. fps.txt in folder gives the frames' rate
+    (64 / D) for Qwen3-VL's timestamps; without it they assume 1 frame per second."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"no frames folder {folder} (extract the video's frames into it first)")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+    if not names:
+        raise ValueError(f"{folder} holds no .jpg or .png frames")
+    picked = [names[round(i * (len(names) - 1) / max(1, count - 1))] for i in range(min(count, len(names)))]
+    fps = 1.0
+    if os.path.isfile(os.path.join(folder, "fps.txt")):
+        with open(os.path.join(folder, "fps.txt")) as f:
+            fps = float(f.read()) * len(picked) / len(names)
+    frames = []
+    for name in picked:
+        with Image.open(os.path.join(folder, name)) as frame:
+            frames.append(frame.convert("RGB"))
+    return frames, fps
+
+
+def user_message(sample, text, extra_images=()):
+    """One user turn: the sample's image(s) or video, the text, then any extra images (crops).
+    A video's frames are read from disk here, one batch at a time."""
+    if sample.video:
+        frames, fps = load_frames(sample.video)
+        visual = [{"type": "video", "video": frames, "fps": fps}]
+    else:
+        images = sample.image if isinstance(sample.image, list) else [sample.image]
+        visual = [{"type": "image", "image": image} for image in images]
+    return {"role": "user", "content": visual + [{"type": "text", "text": text}]
+            + [{"type": "image", "image": image} for image in extra_images]}
+
+
+def chat_parts(chat, kind):
+    """The images ('image') or videos ('video', each a list of frames) of a chat, in template order."""
+    return [part[kind] for message in chat if not isinstance(message["content"], str)
+            for part in message["content"] if part["type"] == kind]
 
 
 def student_messages(sample):
     """What the student (and every evaluation) sees: the image and the question, nothing else."""
-    return [user_message([sample.image], sample.question)]
+    return [user_message(sample, sample.question)]
 
 
 def completion_token_ids(processor, text):
@@ -393,12 +442,21 @@ def collate(processor, chats, completion_ids=None, max_length=None, sample_ids=N
 
     chats: one chat (list of messages, images inside their parts) per row.
     completion_ids: optional list of token-id lists appended after each prompt.
-    Returns input_ids, attention_mask, mm_token_type_ids (B, L), pixel_values, image_grid_thw,
-    and completion_mask (B, L), 1 on completion tokens, when completions are given.
+    Returns input_ids, attention_mask, mm_token_type_ids (B, L: 0 text, 1 image, 2 video), pixel_values
+    and image_grid_thw when there are images, pixel_values_videos and video_grid_thw when there are
+    videos, and completion_mask (B, L), 1 on completion tokens, when completions are given.
     """
     texts = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
-    flat_images = [image for chat in chats for image in chat_images(chat)]
-    prompt = processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
+    images = [image for chat in chats for image in chat_parts(chat, "image")]
+    videos = [video for chat in chats for video in chat_parts(chat, "video")]
+    if any(len(chat_parts(chat, "video")) > 1 for chat in chats):
+        raise ValueError("a prompt with more than one video is not supported (rollout.repeat_batch assumes one)")
+    # a video's frames are sampled already: the processor takes them all, stamped at their fps
+    metadata = [{"fps": part["fps"], "total_num_frames": len(part["video"]), "frames_indices": list(range(len(part["video"])))}
+                for chat in chats for message in chat if not isinstance(message["content"], str)
+                for part in message["content"] if part["type"] == "video"]
+    video_args = dict(videos=videos, do_sample_frames=False, video_metadata=metadata) if videos else {}
+    prompt = processor(text=texts, images=images or None, return_tensors="pt", padding=True, **video_args)
     pad_id = processor.tokenizer.pad_token_id
     rows = []
     for i in range(len(texts)):
@@ -421,9 +479,9 @@ def collate(processor, chats, completion_ids=None, max_length=None, sample_ids=N
         "attention_mask": left_pad([[1] * len(r[0]) for r in rows], 0),
         "mm_token_type_ids": left_pad([r[1] for r in rows], 0),
     }
-    if "pixel_values" in prompt:
-        batch["pixel_values"] = prompt["pixel_values"]
-        batch["image_grid_thw"] = prompt["image_grid_thw"]
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if key in prompt:
+            batch[key] = prompt[key]
     if completion_ids is not None:
         batch["completion_mask"] = left_pad([r[2] for r in rows], 0)
     return batch
@@ -435,7 +493,8 @@ def to_device(batch, device):
 
 def model_inputs(batch):
     """The keys of a batch that the model's forward takes."""
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+            "pixel_values_videos", "video_grid_thw")
     return {k: batch[k] for k in keys if k in batch}
 
 

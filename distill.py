@@ -13,6 +13,7 @@ import math
 import re
 
 import torch
+from PIL import Image
 
 from data import collate, model_inputs, student_messages, to_device, user_message
 from evaluate import score
@@ -72,8 +73,10 @@ def teacher_messages(sample, privilege):
     hint = hint_text(sample, privilege)
     if hint is None:
         return student_messages(sample)
+    if privilege == "cues+crops" and sample.boxes and not isinstance(sample.image, Image.Image):
+        raise ValueError(f"cues+crops crops one image; sample {sample.id} has {'a video' if sample.video else 'several'}")
     crops = [sample.image.crop(pixel_box(box)) for box in sample.boxes] if privilege == "cues+crops" else []
-    return [user_message([sample.image], f"{sample.question} [Hint]: {hint}", extra_images=crops)]
+    return [user_message(sample, f"{sample.question} [Hint]: {hint}", extra_images=crops)]
 
 
 # ----------------------------------------------------------------------------- divergences
@@ -515,7 +518,8 @@ def ptd_reference(reference, processor, rows, rollout, completions, privilege, g
     the KL term and the log-ratio; a dict of per-token advantages, gates and, for the tutored rollouts
     only, its logits under the hint prompt). The reward is evaluate.score of each rollout; per-rollout
     values are repeated over that rollout's tokens, in completion_logits' row-major order."""
-    rewards = torch.tensor([float(score(text, s.answer)) for text, s in zip(rollout.texts, rows)])
+    rewards = torch.tensor([float(score(text, s.answer, s.choices, s.tolerance))
+                            for text, s in zip(rollout.texts, rows)])
     advantages = group_advantages(rewards, group_size)
     gated, tutored = ptd_gate(rewards, group_size, tau, all_rollouts)
     plain = teacher_logits(reference, processor, rows, "none", completions, max_length)

@@ -1,14 +1,20 @@
-"""Answer extraction, scoring, and the evaluation table.
+"""Answer extraction, scoring, the evaluation table, and loaders for the paper's seven benchmarks.
 
-Scoring is pure functions on strings (tests call them directly). `evaluate` answers
-greedily through rollout.sample, seeing only the image and the question, and reports
-accuracy per task family, the in-domain / out-of-domain averages and the
-majority-answer baseline beside them.
+Scoring is pure functions on strings (tests call them directly). `evaluate` answers through
+rollout.sample (greedy, or sampled with the paper's settings), seeing only the image (or video)
+and the question, and reports accuracy per task family or benchmark, the in-domain / near-domain /
+out-of-domain averages and the majority-answer baseline beside them.
 
     python evaluate.py --ckpt=DIR                 # the embedded world's evaluation set
     python evaluate.py --ckpt=DIR --data=FILE     # a JSONL file in data.py's format
+    python evaluate.py --ckpt=DIR --benchmarks=FOLDER --paper_settings=true   # the paper's Table 1 row
 """
 
+import ast
+import base64
+import csv
+import dataclasses
+import io
 import json
 import os
 import re
@@ -17,9 +23,10 @@ from collections import Counter, defaultdict
 from fractions import Fraction
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from data import FAMILIES, OUT_OF_DOMAIN, collate, eval_world, load_jsonl, student_messages, to_device
+from data import FAMILIES, OUT_OF_DOMAIN, Sample, collate, eval_world, load_jsonl, student_messages, to_device
 from rollout import sample
 
 
@@ -170,16 +177,57 @@ def _numbers_match(a, b):
     return abs(a_value - b_value) <= Fraction(1, 10**6) * max(abs(a_value), abs(b_value))
 
 
-def score(prediction_text, gold):
+_CHOICE_THEN_TEXT = re.compile(r"\(?\s*([a-j])\s*[.):]\s+.*", re.IGNORECASE | re.DOTALL)  # "B. 3 cm", "B) text"
+
+
+_LETTER_IN_TEXT = re.compile(r"\(([A-J])\)")
+# a number followed by up to three unit words ('cm', 'm^2', 'square units', '°', '^\circ'); not '%', and
+# not a word that changes the number ('50 percent', '12 pi', '3 hundred', '1e5')
+_NUMBER_WITH_UNIT = re.compile(r"([+-]?[\d,]*\.?\d+(?:/\d+)?)\s*(?:(?:\^\s*\\circ|°|\\circ|[a-z]+(?:\^?[23²³])?)\s*){1,3}")
+_NOT_UNITS = {"percent", "pi", "e", "hundred", "hundreds", "thousand", "thousands", "million", "millions",
+              "billion", "billions", "times", "x"}
+
+
+def _number_with_unit(text):
+    """The number of '3.5 cm', '40°', '12 square units' as _parse_number gives it; None otherwise."""
+    match = _NUMBER_WITH_UNIT.fullmatch(text)
+    if not match or _NOT_UNITS & set(re.findall(r"[a-z]+", text[match.end(1):])) or re.match(r"e\d", text[match.end(1):]):
+        return None
+    return _parse_number(match.group(1))
+
+
+def _option_letter(prediction, choices):
+    """A multiple-choice answer as a letter: 'B', '(B)', 'B. <text>', or the text of exactly one option."""
+    letter = _choice_letter(prediction)
+    if letter:
+        return letter
+    match = _CHOICE_THEN_TEXT.fullmatch(prediction)
+    if match and ord(match.group(1).upper()) - ord("A") < len(choices):
+        return match.group(1).upper()
+    same = [i for i, choice in enumerate(choices) if normalize_answer(choice) == normalize_answer(prediction)]
+    if not same:                                      # '60' for the option '60°': the numbers, units dropped
+        number = _parse_number(prediction) or _number_with_unit(prediction)
+        same = [i for i, choice in enumerate(choices) if number and number[0] ==
+                ((_parse_number(_clean(choice)) or _number_with_unit(_clean(choice)) or (None,))[0])]
+    return chr(ord("A") + same[0]) if len(same) == 1 else None
+
+
+def score(prediction_text, gold, choices=(), tolerance=0.0):
     """True if the final answer of prediction_text equals gold; never a substring match.
 
     Numbers compare by value, multiple-choice letters case-insensitively ('(b)' = 'B'),
-    anything else as normalised strings. None, empty or unreadable input is False.
+    anything else as normalised strings. With choices (the options' texts, A first) and a
+    letter for gold, the prediction may also give the option's text instead of its letter.
+    With a tolerance, numbers match when |prediction - gold| <= tolerance (the benchmark's
+    own rule, e.g. DynaMath's 0.001). None, empty or unreadable input is False.
     """
     if prediction_text is None or gold is None:
         return False
     gold = str(gold)
     prediction = extract_answer(str(prediction_text))
+    if prediction is None and choices:                # "... so the correct option is (C)." on the last line
+        letters = _LETTER_IN_TEXT.findall(str(prediction_text).strip().splitlines()[-1] if prediction_text.strip() else "")
+        prediction = letters[-1] if len(set(letters)) == 1 else None
     if _looks_like_trace(gold):
         gold = extract_answer(gold)
     if prediction is None or gold is None:
@@ -187,8 +235,14 @@ def score(prediction_text, gold):
     prediction, gold = _clean(prediction), _clean(gold)
     if not prediction or not gold:
         return False
+    if choices and _choice_letter(gold):
+        return _option_letter(prediction, choices) == _choice_letter(gold)
     prediction_number, gold_number = _parse_number(prediction), _parse_number(gold)
+    if gold_number and not prediction_number:         # "3.5 cm", "40°", "12 square units" -> the number
+        prediction_number = _number_with_unit(prediction)
     if prediction_number and gold_number:
+        if tolerance:
+            return abs(prediction_number[0] - gold_number[0]) <= Fraction(tolerance)
         return _numbers_match(prediction_number, gold_number)
     gold_letter = _choice_letter(gold)
     if gold_letter:
@@ -199,12 +253,22 @@ def score(prediction_text, gold):
 # ---------------------------------------------------------------------------
 # evaluation
 
+def domain_of(task):
+    """'in-domain', 'near-domain' (the paper's math benchmarks) or 'out-of-domain'."""
+    if task in BENCHMARKS:
+        return BENCHMARKS[task][1]
+    return "out-of-domain" if task in OUT_OF_DOMAIN else "in-domain"
+
+
 def family_averages(per_family):
     """Macro averages, as the paper averages benchmarks: every family counts once."""
-    in_domain = [v for k, v in per_family.items() if k not in OUT_OF_DOMAIN]
-    out_of_domain = [v for k, v in per_family.items() if k in OUT_OF_DOMAIN]
-    mean = lambda values: sum(values) / len(values) if values else float("nan")
-    return {"in_domain_avg": mean(in_domain), "ood_avg": mean(out_of_domain), "overall": mean(list(per_family.values()))}
+    groups = defaultdict(list)
+    for task, value in per_family.items():
+        groups[domain_of(task)].append(value)
+    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+    near = {"near_domain_avg": mean(groups["near-domain"])} if groups["near-domain"] else {}
+    return {"in_domain_avg": mean(groups["in-domain"]), **near, "ood_avg": mean(groups["out-of-domain"]),
+            "overall": mean(list(per_family.values()))}
 
 
 def majority_baseline(samples):
@@ -217,29 +281,206 @@ def majority_baseline(samples):
 
 
 def family_order(tasks):
-    return [f for f in FAMILIES if f in tasks] + sorted(t for t in tasks if t not in FAMILIES)
+    known = FAMILIES + list(BENCHMARKS)
+    return [f for f in known if f in tasks] + sorted(t for t in tasks if t not in known)
+
+
+# The paper's evaluation (its Table 4, "Evaluation hyperparameters used in VLMEvalKit"): sampled rather
+# than greedy, a system prompt, up to 4,096 new tokens, each image resized to between 3,584 and
+# 401,408 pixels (repetition penalty 1.0, i.e. none; Video-MME with 64 frames).
+PAPER_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5}
+PAPER_MAX_NEW_TOKENS = 4096
+PAPER_PIXELS = {"shortest_edge": 3584, "longest_edge": 401408}  # the image processor's min / max pixels
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def paper_messages(sample):
+    """The student's prompt with the paper's system prompt before it."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}] + student_messages(sample)
 
 
 @torch.no_grad()
 def evaluate(model, processor, samples, batch_size=64, max_new_tokens=96, messages_fn=student_messages,
-             progress=True):
-    """Greedy answers for every sample -> {'per_family', 'in_domain_avg', 'ood_avg', 'overall',
-    'baseline', 'counts', 'records'}. messages_fn builds the prompt: the default is what the student
-    sees at inference (image + question); a privileged prompt is for diagnostics only."""
+             progress=True, sampling=None, seed=0):
+    """Answers for every sample -> {'per_family', 'in_domain_avg', 'ood_avg', 'overall', 'baseline',
+    'counts', 'records'}: greedy, or sampled with sampling=PAPER_SAMPLING (each sample from its own
+    generator, seeded by seed and its index, so a run is reproducible at any batch size). messages_fn
+    builds the prompt: the default is what the student sees at inference (image + question); a
+    privileged prompt is for diagnostics only."""
     records = []
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress, leave=False):
         chunk = samples[start:start + batch_size]
         batch = to_device(collate(processor, [messages_fn(s) for s in chunk]), model.device)
-        rollout = sample(model, processor, batch, greedy=True, max_new_tokens=max_new_tokens)
+        if sampling:
+            generators = [torch.Generator(model.device).manual_seed(seed * 1_000_003 + start + i)
+                          for i in range(len(chunk))]
+            rollout = sample(model, processor, batch, max_new_tokens=max_new_tokens, generator=generators, **sampling)
+        else:
+            rollout = sample(model, processor, batch, greedy=True, max_new_tokens=max_new_tokens)
         for s, text in zip(chunk, rollout.texts):
             records.append({"id": s.id, "task": s.task, "prediction": text, "gold": s.answer,
-                            "correct": score(text, s.answer)})
+                            "correct": score(text, s.answer, s.choices, s.tolerance)})
     correct = defaultdict(list)
     for r in records:
         correct[r["task"]].append(r["correct"])
     per_family = {t: sum(correct[t]) / len(correct[t]) for t in family_order(correct)}
     return {"per_family": per_family, **family_averages(per_family), "baseline": majority_baseline(samples),
             "counts": {t: len(correct[t]) for t in per_family}, "records": records}
+
+
+# ---------------------------------------------------------------------------
+# the paper's seven benchmarks, from local copies
+#
+# The paper evaluated with VLMEvalKit, whose data files are what we read: one TSV per benchmark
+# (tab separated, a header row; `image` holds a base64 image, a list of them as a Python literal, or
+# the `index` of an earlier row whose image it reuses; multiple-choice options in columns A, B, ...;
+# `answer` a letter). VLMEvalKit downloads them into ~/LMUData. No LLM judge here: answers are scored
+# by the rules below, so numbers can differ from VLMEvalKit's judged ones by a few points.
+
+BENCHMARKS = {  # name: (file in the benchmarks folder, the paper's group, the paper's column title)
+    "vision_r1": ("vision_r1_test.jsonl", "in-domain", "Vision R1-Test"),
+    "dynamath": ("DynaMath.tsv", "near-domain", "DynaMath"),
+    "mathvista": ("MathVista_MINI.tsv", "near-domain", "MathVista"),
+    "wemath": ("WeMath.tsv", "near-domain", "WeMath"),
+    "mathverse": ("MathVerse_MINI.tsv", "near-domain", "MathVerse"),
+    "mmmu": ("MMMU_DEV_VAL.tsv", "out-of-domain", "MMMU-Val"),
+    "video_mme": ("Video-MME.tsv", "out-of-domain", "Video-MME"),
+}
+# 'Choices: (A) yes (B) no' (DynaMath), 'Choices:\nA:40°\nB:60°' (MathVerse); an option ends at the next
+# option or at the end of its line
+_INLINE_CHOICES = re.compile(r"(?:^|\s)\(?([A-H])[):.：][ \t]*([^\n]+?)(?=\s+\(?[A-H][):.：]|[ \t]*\n|\s*$)")
+
+
+def missing(cell):
+    """An empty cell, as pandas writes NaN or None."""
+    return cell is None or cell.strip() in ("", "nan", "NaN", "None")
+
+
+def decode_image(cell):
+    """A base64 image cell -> an RGB PIL image."""
+    return Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB")
+
+
+def read_tsv(path):
+    """VLMEvalKit TSV -> (line number, row dict) one row at a time, with an image cell that refers to an
+    earlier row's index replaced by that row's image (still base64)."""
+    csv.field_size_limit(2**31 - 1)
+    images = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        for row in reader:
+            for key in ("index", "question", "answer"):
+                if key not in row or row[key] is None:
+                    raise ValueError(f"{path}:{reader.line_num}: no '{key}' column")
+            cell = row.get("image")
+            if not missing(cell) and len(cell) <= 64:                    # the index of a row with the same image
+                if cell not in images:
+                    raise ValueError(f"{path}:{reader.line_num}: image refers to index {cell}, which no earlier row has")
+                row["image"] = images[cell]
+            elif not missing(cell):
+                images[row["index"]] = cell
+            yield reader.line_num, row
+
+
+def column_choices(row):
+    """Options in columns A, B, ... (an empty cell ends the list)."""
+    choices = []
+    for letter in "ABCDEFGHIJ":
+        if missing(row.get(letter)):
+            break
+        choices.append(row[letter].strip())
+    return choices
+
+
+def inline_choices(question):
+    """Options written inside the question: 'Choices: (A) yes (B) no' or 'Choices:\\nA:40°\\nB:60°'."""
+    if "Choices" not in question:
+        return []
+    found = _INLINE_CHOICES.findall(question.split("Choices", 1)[1])
+    return [text.strip() for letter, text in found] if [l for l, _ in found] == list("ABCDEFGH"[:len(found)]) else []
+
+
+def with_options(question, choices):
+    """VLMEvalKit's multiple-choice prompt: the question, then 'Options:' and one 'A. text' per line."""
+    return question + "\nOptions:\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)) \
+        + "\nPlease select the correct answer from the options above."
+
+
+def tsv_sample(name, row, folder):
+    """One VLMEvalKit row -> Sample, by the benchmark's answer format (None: a row not in the split)."""
+    if name == "mmmu" and row.get("split", "validation") != "validation":
+        return None
+    if missing(row["answer"]):
+        raise ValueError("no answer")
+    question, answer, choices, tolerance = row["question"].strip(), row["answer"].strip(), [], 0.0
+    if name in ("wemath", "mmmu") or (name == "mathvista" and row.get("question_type") == "multi_choice"):
+        choices = column_choices(row) or ([] if missing(row.get("choices")) else list(ast.literal_eval(row["choices"])))
+        if name == "mathvista" and not missing(row.get("answer_option")):
+            answer = row["answer_option"].strip()
+        elif name == "mathvista":                                   # the gold is the option's text
+            same = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(answer)]
+            if len(same) != 1:
+                raise ValueError(f"answer {answer!r} is not exactly one of the choices {choices}")
+            answer = chr(ord("A") + same[0])
+        if choices and (name != "mathvista" or "Choices" not in question):
+            question = with_options(question, choices)
+    elif name in ("dynamath", "mathverse"):
+        choices = inline_choices(question) if len(answer) == 1 and answer.isalpha() else []
+    if name == "dynamath" and row.get("answer_type") == "float":
+        tolerance = 1e-3                                            # DynaMath's own: |pred - gold| <= 0.001
+    if name == "mathvista" and not missing(row.get("precision")):
+        tolerance = 0.5 * 10 ** -int(float(row["precision"]))      # right when rounded to its precision
+    if name == "mmmu" and not choices:
+        tolerance = 0.005                                           # MMMU's open questions: 2 decimals
+    image, video = None, None
+    if name == "video_mme":
+        choices = [re.sub(r"^[A-H]\.\s*", "", c) for c in ast.literal_eval(row["candidates"])]
+        question = with_options(question, choices)
+        video = os.path.join(folder, "video", row["video"])         # frames read when the batch is built
+        if not os.path.isdir(video):
+            raise ValueError(f"no frames folder {video} (extract each video's frames into video/<videoID>/)")
+    elif missing(row.get("image")):
+        raise ValueError("no image")
+    elif row["image"].startswith("["):                              # several images (MMMU), in order
+        image = [decode_image(cell) for cell in ast.literal_eval(row["image"])]
+    else:
+        image = decode_image(row["image"])
+    return Sample(image=image, question=question, answer=answer, task=name, id=f"{name}-{row['index']}",
+                  choices=choices, tolerance=tolerance, video=video)
+
+
+def load_benchmark(name, folder, limit=None):
+    """The samples (the first `limit`) of one of the paper's benchmarks from folder (see BENCHMARKS for
+    the file names); each sample's task is the benchmark's name. A bad row raises 'FILE:LINE: reason'."""
+    path = os.path.join(folder, BENCHMARKS[name][0])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found ({name} is read from {BENCHMARKS[name][0]} in --benchmarks)")
+    if name == "vision_r1":   # data.py's JSONL; geometry3k-style problems may open with an "<image>" tag
+        samples = [dataclasses.replace(s, task=name, question=s.question.replace("<image>", "").strip())
+                   for s in load_jsonl(path)[0]]
+        return samples[:limit] if limit else samples
+    samples = []
+    for line, row in read_tsv(path):
+        if limit and len(samples) == limit:
+            break
+        try:
+            sample = tsv_sample(name, row, folder)
+        except KeyError as error:
+            raise ValueError(f"{path}:{line}: no {error} column") from None
+        except (ValueError, SyntaxError, OSError) as error:
+            raise ValueError(f"{path}:{line}: {error}") from None
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def paper_table(per_benchmark, name="model"):
+    """One row of the paper's Table 1, in %: a column per benchmark present, then their average."""
+    present = [b for b in BENCHMARKS if b in per_benchmark]
+    header = "| | " + " | ".join(BENCHMARKS[b][2] for b in present) + " | Avg. |"
+    values = [100 * per_benchmark[b] for b in present]
+    row = f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |"
+    return "\n".join([header, "|---|" + "---|" * (len(present) + 1), row])
 
 
 def format_table(columns):
@@ -250,10 +491,13 @@ def format_table(columns):
     lines = ["| family | n | " + " | ".join(columns) + " | majority baseline |",
              "|---|---|" + "---|" * len(columns) + "---|"]
     for task in first["per_family"]:
-        kind = " (ood)" if task in OUT_OF_DOMAIN else ""
+        kind = {"in-domain": "", "near-domain": " (near)", "out-of-domain": " (ood)"}[domain_of(task)]
         cells = " | ".join(f"{100 * r['per_family'][task]:.1f}" for r in columns.values())
         lines.append(f"| {task}{kind} | {first['counts'][task]} | {cells} | {100 * baseline['per_family'][task]:.1f} |")
-    for key, name in (("in_domain_avg", "in-domain avg"), ("ood_avg", "out-of-domain avg"), ("overall", "overall")):
+    for key, name in (("in_domain_avg", "in-domain avg"), ("near_domain_avg", "near-domain avg"),
+                      ("ood_avg", "out-of-domain avg"), ("overall", "overall")):
+        if key not in first:
+            continue
         cells = " | ".join(f"**{100 * r[key]:.1f}**" for r in columns.values())
         lines.append(f"| **{name}** | | {cells} | {100 * baseline[key]:.1f} |")
     return "\n".join(lines)
@@ -263,29 +507,53 @@ def main(argv):
     import cue_recovery               # evaluate.py as a script; the library part needs no model loading
     from model import load_model
     args = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
-    known = {"ckpt", "data", "num_eval", "seed", "batch_size", "max_new_tokens", "out", "heatmaps", "device"}
+    known = {"ckpt", "data", "benchmarks", "only", "limit", "paper_settings", "num_eval", "seed", "batch_size",
+             "max_new_tokens", "out", "heatmaps", "device", "dtype"}
     if "ckpt" not in args or set(args) - known or len(args) != len(argv):
-        sys.exit(f"usage: python evaluate.py --ckpt=DIR [--data=FILE.jsonl] [--num_eval=N] [--seed=S] "
-                 f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json] [--heatmaps=N] [--device=D]; got {argv}")
-    model, processor = load_model(args["ckpt"], device=args.get("device", "cpu"))
-    if "data" in args:
+        sys.exit(f"usage: python evaluate.py --ckpt=DIR|MODEL_ID [--data=FILE.jsonl | --benchmarks=FOLDER "
+                 f"[--only=NAME,...] [--limit=N]] [--paper_settings=true] [--num_eval=N] [--seed=S] "
+                 f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json] [--heatmaps=N] [--device=D] "
+                 f"[--dtype=float32|bfloat16]; got {argv}")
+    if args.get("paper_settings", "false").lower() not in ("true", "1", "false", "0"):
+        sys.exit(f"--paper_settings expects true or false, got '{args['paper_settings']}'")
+    if args.get("dtype", "float32") not in ("float32", "bfloat16"):
+        sys.exit(f"--dtype expects float32 or bfloat16, got '{args['dtype']}'")
+    model, processor = load_model(args["ckpt"], dtype=getattr(torch, args.get("dtype", "float32")),
+                                  device=args.get("device", "cpu"))
+    paper = args.get("paper_settings", "false").lower() in ("true", "1")
+    if paper:
+        processor.image_processor.size = dict(PAPER_PIXELS)
+    settings = dict(batch_size=int(args.get("batch_size", 64)), messages_fn=paper_messages if paper else student_messages,
+                    max_new_tokens=int(args.get("max_new_tokens", PAPER_MAX_NEW_TOKENS if paper else 96)),
+                    sampling=PAPER_SAMPLING if paper else None, seed=int(args.get("seed", 0)))
+    if "benchmarks" in args:
+        names = args["only"].split(",") if "only" in args else [b for b in BENCHMARKS if os.path.isfile(
+            os.path.join(args["benchmarks"], BENCHMARKS[b][0]))]
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown or not names:
+            sys.exit(f"--benchmarks={args['benchmarks']}: {'unknown ' + str(unknown) if unknown else 'none found'}; "
+                     f"expected files: {', '.join(f'{b} = {f}' for b, (f, _, _) in BENCHMARKS.items())}")
+        samples = [s for n in names for s in load_benchmark(n, args["benchmarks"], int(args.get("limit", 0)) or None)]
+    elif "data" in args:
         samples, _ = load_jsonl(args["data"])
     else:
         samples = eval_world(int(args.get("num_eval", 350)), seed=int(args.get("seed", 0)))
-    batch_size = int(args.get("batch_size", 64))
-    results = evaluate(model, processor, samples, batch_size=batch_size,
-                       max_new_tokens=int(args.get("max_new_tokens", 96)))
+    results = evaluate(model, processor, samples, **settings)
     print(format_table({"student (image + question)": results}))
-    results = {k: v for k, v in results.items() if k != "records"}
-    recall = cue_recovery.evaluation_cue_recall(model, processor, samples, batch_size) \
+    if "benchmarks" in args:
+        print(paper_table(results["per_family"], args["ckpt"]))
+    records = results.pop("records")
+    recall = cue_recovery.evaluation_cue_recall(model, processor, samples, settings["batch_size"]) \
         if cue_recovery.get(model) is not None else None
     if recall:
         results["cue_recall"] = recall
         print(cue_recovery.recall_line(recall))
-    out = args.get("out", os.path.join(args["ckpt"], "eval.json"))
+    out = args.get("out") or (os.path.join(args["ckpt"], "eval.json") if os.path.isdir(args["ckpt"]) else "eval.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump({**results, "settings": "paper (sampled)" if paper else "greedy"}, f, indent=2)
+    with open(os.path.splitext(out)[0] + "_predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
     print(f"wrote {out}")
     if int(args.get("heatmaps", 0)) > 0:
         if cue_recovery.get(model) is None:

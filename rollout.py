@@ -29,30 +29,36 @@ class Rollout:
 
 
 def repeat_batch(batch, n):
-    """Repeat every row of a collated batch n times (row i -> rows i*n .. i*n+n-1),
-    with its images: pixel_values are stored flat, so they are split per row first."""
+    """Repeat every row of a collated batch n times (row i -> rows i*n .. i*n+n-1), with its
+    images and videos: their patches are stored flat, so they are split per row first."""
     if n == 1:
         return batch
-    image_tokens = batch["mm_token_type_ids"] == 1                             # (B, L)
-    starts = image_tokens & ~torch.nn.functional.pad(image_tokens, (1, 0))[:, :-1]
-    images_per_row = starts.sum(-1).tolist()
-    out = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in batch:
-        grids = batch["image_grid_thw"].split(images_per_row)
-        patches = batch["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])
-        out["pixel_values"] = torch.cat([p for p in patches for _ in range(n)])
-        out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(n)])
+    visual = {"pixel_values": ("image_grid_thw", 1), "pixel_values_videos": ("video_grid_thw", 2)}
+    out = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()
+           if k not in visual and k not in [grid for grid, _ in visual.values()]}
+    for key, (grid_key, token_type) in visual.items():
+        if key not in batch:
+            continue
+        tokens = batch["mm_token_type_ids"] == token_type                          # (B, L)
+        starts = tokens & ~torch.nn.functional.pad(tokens, (1, 0))[:, :-1]
+        # a video is one grid whose frames may be split into several runs of tokens by timestamps
+        runs = starts.sum(-1)
+        per_row = runs.tolist() if token_type == 1 else [int(r > 0) for r in runs]
+        grids = batch[grid_key].split(per_row)
+        patches = batch[key].split([int(g.prod(-1).sum()) for g in grids])
+        out[key] = torch.cat([p for p in patches for _ in range(n)])
+        out[grid_key] = torch.cat([g for g in grids for _ in range(n)])
     return out
 
 
 def prompt_positions(model, batch):
     """M-RoPE positions of the prompt (3, B, P) and each row's next position (B,)."""
-    if "image_grid_thw" not in batch:
+    if "image_grid_thw" not in batch and "video_grid_thw" not in batch:
         positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return positions.unsqueeze(0).expand(3, -1, -1), batch["attention_mask"].sum(-1)
     positions, rope_deltas = model.model.get_rope_index(
-        batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-        attention_mask=batch["attention_mask"])
+        batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+        video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"])
     return positions, batch["attention_mask"].sum(-1) + rope_deltas.view(-1)
 
 
@@ -78,7 +84,8 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     """Sample n completions per prompt of a collated, left-padded batch -> Rollout.
     generator: one torch.Generator for the whole batch, or a list with one per row of the repeated
     batch (prompt-major: prompt 0's n rows first). With one per row, a row's tokens do not depend on
-    which other rows share its batch: what makes a data-parallel run equal a single-process one."""
+    which other rows share its batch (up to float rounding): what makes a data-parallel run equal a
+    single-process one."""
     batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
     tokenizer = processor.tokenizer
     device = batch["input_ids"].device
@@ -97,6 +104,8 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     batch_size = attention_mask.shape[0]
+    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+        raise ValueError(f"{len(generator)} generators for {batch_size} rows (n={n} per prompt): pass one per row")
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     seen = torch.zeros(batch_size, logits.shape[-1], dtype=torch.bool, device=device)  # for the presence penalty
     tokens, logprobs, masks = [], [], []

@@ -113,7 +113,7 @@ def test_the_sink_reads_the_image(tiny):
     """The sink precedes the image, so without the module its state cannot depend on the image."""
     model, processor = tiny
     samples = eval_world(2, seed=3)
-    chats = [[user_message([s.image], samples[0].question)] for s in samples]   # same text, two images
+    chats = [[user_message(s, samples[0].question)] for s in samples]   # same text, two images
     batch = collate(processor, chats)
     sink = cue_recovery.sink_positions(batch["input_ids"], batch["attention_mask"],
                                        processor.tokenizer.convert_tokens_to_ids("<|im_start|>"))
