@@ -148,9 +148,9 @@ def num_parameters(model):
 
 
 def parameter_counts(name_or_path, tokenizer):
-    """(total, text decoder hidden size, layers, vocab, vision tower) parameter counts and shapes of a
-    model, built on the meta device (no memory,
-    no weights): a QWEN3_VL_SHAPES name, a tiny size, or a local directory with a config.json."""
+    """(parameters, text decoder hidden size, layers, vocab, vision tower parameters) of a model, built
+    on the meta device (no memory, no weights): a QWEN3_VL_SHAPES name, a tiny size, or a local
+    directory with a config.json."""
     if name_or_path in QWEN3_VL_SHAPES:
         config = shaped_config(name_or_path, tokenizer)
     elif name_or_path in TINY_SIZES:
@@ -175,21 +175,24 @@ def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, w
     the ranks when sharded), a frozen teacher (None: none; the self teacher is a second copy of the
     student), and an activation estimate for one micro-batch of T tokens: 34 T d bytes per decoder layer
     in 16-bit without recomputation (Korthikanti et al. 2022, attention scores left out as SDPA never
-    stores them), 2 T d per layer (its input) plus one layer's 34 T d with grad_ckpt; plus the logits:
-    T V in the weights' dtype and twice T V in float32 (the upcast and its gradient)."""
+    stores them), or with grad_ckpt each layer's input (T d values) plus one layer's 34 T d being
+    recomputed; plus the logits: T V in the weights' dtype and twice T V in float32 (the upcast and its
+    gradient), and with a teacher its logits for the same micro-batch (T V in the weights' dtype)."""
     params, hidden, layers, vocab, vision = parameter_counts(student, tokenizer)
     trained = params - vision if freeze_vision else params
     shards = world_size if shard_optimizer else 1
     rows = [("student weights", params * weight_bytes),
             ("gradients" + (" (vision tower frozen)" if freeze_vision else ""), trained * weight_bytes),
-            (f"optimizer: fp32 master weights + 2 moments" + (f", 1/{shards} shard" if shards > 1 else ""),
+            ("optimizer: fp32 master weights + 2 moments" + (f", 1/{shards} shard" if shards > 1 else ""),
              12 * trained // shards)]
     if teacher is not None:
         teacher_params = params if teacher == student else parameter_counts(teacher, tokenizer)[0]
         rows.append((f"teacher weights ({teacher}), frozen", teacher_params * weight_bytes))
     per_layer = 34 * micro_batch_tokens * hidden * weight_bytes // 2
-    activations = (2 * micro_batch_tokens * hidden * weight_bytes * layers + per_layer) if grad_ckpt \
+    activations = (micro_batch_tokens * hidden * weight_bytes * layers + per_layer) if grad_ckpt \
         else per_layer * layers
     rows += [("activations, estimate" + (" (recomputed per layer)" if grad_ckpt else ""), activations),
              ("logits (+ float32 copy and gradient)", micro_batch_tokens * vocab * (weight_bytes + 8))]
+    if teacher is not None:
+        rows.append(("teacher logits (one micro-batch)", micro_batch_tokens * vocab * weight_bytes))
     return rows

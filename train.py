@@ -123,7 +123,7 @@ DISTILL_DEFAULTS = {"max_steps": 120, "lr": 2e-4, "warmup_steps": 10}
 PTDPO_DEFAULTS = {"num_rollouts": 8, "batch_size": 4}  # groups of 8 rollouts, as in the paper
 # fields that do not change what SFT learns: a complete SFT stage is reused whatever they are
 SFT_NEUTRAL = {"resume", "device", "threads", "num_eval", "eval_batch_size", "eval_every", "save_every",
-               "max_new_tokens", "eval_data", "skip_bad"}
+               "max_new_tokens", "eval_data", "skip_bad", "shard_optimizer", "grad_ckpt"}
 # the fields that only distillation reads: reset to their defaults for the SFT stage
 DISTILL_FIELDS = ["teacher", "privilege", "loss", "beta", "top_k", "num_rollouts", "temperature", "ppo_epochs",
                   "clip_eps", "cue_recovery", "sink_every", "cue_init", "kl_coef", "ptd_coef", "ptd_tau",
@@ -183,149 +183,136 @@ def init_distributed(config):
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_gradients(model, world_size, bucket_elements=2**24):
-    """Average gradients across ranks: parameters packed into flat buckets of about bucket_elements
-    (64 MB of fp32), one all_reduce per bucket, so no copy of all the gradients at once is built."""
-    if world_size == 1:
-        return
-    for p in model.parameters():  # every rank must send the same buffers, even for unused parameters
-        if p.grad is None and p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    buckets, size = [[]], 0
-    for g in grads:
-        if size and size + g.numel() > bucket_elements:
-            buckets, size = buckets + [[]], 0
-        buckets[-1].append(g)
-        size += g.numel()
-    for bucket in buckets:
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world_size
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def all_reduce_mean(value, world_size, device="cpu"):
+def all_reduce_mean(value, world_size):
+    """The mean over ranks of a Python number (on the GPU under nccl, which serves only CUDA tensors)."""
     if world_size == 1:
         return value
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / world_size
 
 
 class FlatAdamW:
-    """AdamW by hand on one flat float32 copy of the trainable weights (the master weights), with its
-    state split across ranks when shard=True (ZeRO stage 1). One step, w and g flat, t the step:
+    """AdamW by hand over one flat vector of the trainable weights, its state optionally sharded
+    across ranks (ZeRO stage 1). Every p.grad is a view into one flat gradient buffer, so backward
+    accumulates into it in place and it is communicated as it lies. One step, t its count:
 
-        g_r  = the ranks' average gradient on rank r's shard   reduce-scatter (gloo: all_reduce, then slice)
-        g    = g * min(1, clip / (||g|| + 1e-6))              ||g|| over all shards: one all_reduce
-        w    = w (1 - lr wd)
+        g    = the ranks' average gradient                 all_reduce in buckets (shard=False), or
+        g_r  = the same on rank r's shard only              reduce_scatter (shard=True)
+        g    = g * min(1, clip / (||g|| + 1e-6))           ||g|| over all shards: one all_reduce
+        w    = w (1 - lr wd)                               w: float32 master weights of the shard
         m    = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
         w    = w - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)     torch.optim.AdamW's formula
-        all-gather the updated shards into every rank's model, cast to the model's dtype
+        every rank's model gets the updated shards, cast to the model's dtype, one shard at a time
 
-    Each rank keeps 12 bytes per weight / world_size (w, m, v in float32) instead of a full copy, and
-    bf16 weights get float32 master weights and moments, where an lr of 1e-6 does not round away.
-    With shard=False the caller has averaged the gradients already and the shard is everything."""
+    A rank holds 12 bytes per weight / world_size (w, m, v in float32) when sharded, and bf16 weights
+    get float32 master weights and moments, where an lr of 1e-6 does not round away. Unlike torch's
+    AdamW, a weight that got no gradient in a step still decays and moves with its momentum (its
+    gradient is 0, not None), as under DDP; every weight of our models gets a gradient every step."""
 
-    def __init__(self, params, lr, weight_decay, betas, rank, world_size, shard, eps=1e-8):
+    def __init__(self, params, lr, weight_decay, betas, rank=0, world_size=1, shard=False, eps=1e-8,
+                 bucket_elements=2**24):
         self.params = [p for p in params if p.requires_grad]
+        if len({p.dtype for p in self.params}) != 1:
+            raise ValueError(f"FlatAdamW needs one dtype for all trained weights, got {({p.dtype for p in self.params})}")
         self.total = sum(p.numel() for p in self.params)
         self.parts = world_size if shard else 1
-        self.size = math.ceil(self.total / self.parts)                 # shard length (the last one padded)
-        self.rank, self.start = rank, (rank * self.size if shard else 0)
+        self.shard_size = math.ceil(self.total / self.parts)           # the last shard is padded with zeros
+        self.rank, self.start = rank, (rank * self.shard_size if shard else 0)
         self.world_size, self.weight_decay, self.betas, self.eps = world_size, weight_decay, betas, eps
+        self.bucket_elements = bucket_elements
         self.param_groups = [{"lr": lr}]                                 # set by the loop, as on torch's optimizers
-        self.master = self.shard_of(torch.cat([p.detach().float().reshape(-1) for p in self.params]))
-        self.exp_avg, self.exp_avg_sq, self.t = torch.zeros_like(self.master), torch.zeros_like(self.master), 0
+        device, dtype = self.params[0].device, self.params[0].dtype
+        self.grads = torch.zeros(self.shard_size * self.parts, dtype=dtype, device=device)
+        self.master = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
+        for p, offset in zip(self.params, self.offsets()):
+            p.grad = self.grads[offset:offset + p.numel()].view_as(p)
+            self.copy_overlap(p.detach().reshape(-1), offset, self.master, self.start)
+        self.exp_avg, self.exp_avg_sq, self.step_count = torch.zeros_like(self.master), torch.zeros_like(self.master), 0
 
-    def shard_of(self, flat):
-        flat = torch.nn.functional.pad(flat, (0, self.size * self.parts - flat.numel()))
-        return flat[self.start:self.start + self.size].clone()
-
-    def flat_gradient(self):
-        """The gradients in one padded flat buffer, each p.grad freed as soon as it is copied."""
-        flat = torch.zeros(self.size * self.parts, dtype=self.params[0].dtype, device=self.master.device)
+    def offsets(self):
         offset = 0
         for p in self.params:
-            if p.grad is not None:
-                flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-            p.grad, offset = None, offset + p.numel()
-        return flat
+            yield offset
+            offset += p.numel()
 
-    def gather(self, shard):
-        """Every rank's shard of a flat vector -> the whole vector (without the padding), on every rank."""
-        if self.parts == 1:
-            return shard[:self.total]
-        if dist.get_backend() == "nccl":
-            out = torch.empty(self.size * self.parts, dtype=shard.dtype, device=shard.device)
-            dist.all_gather_into_tensor(out, shard)
-        else:
-            pieces = [torch.empty_like(shard) for _ in range(self.parts)]
-            dist.all_gather(pieces, shard)
-            out = torch.cat(pieces)
-        return out[:self.total]
+    @staticmethod
+    def copy_overlap(source, source_start, target, target_start):
+        """Copy the part of source (flat, at source_start in the whole vector) that falls in target."""
+        lo, hi = max(source_start, target_start), min(source_start + source.numel(), target_start + target.numel())
+        if lo < hi:
+            target[lo - target_start:hi - target_start].copy_(source[lo - source_start:hi - source_start])
 
-    def gather_to_cpu(self, shard):
-        """The whole vector in rank 0's CPU memory (None on the others), one shard in flight at a time:
-        for a checkpoint, where a float32 copy of every weight would not fit beside the model on a GPU."""
-        pieces = []
-        for source in range(self.parts):
-            piece = shard.clone() if source == self.rank else torch.empty_like(shard)
-            if self.parts > 1:
-                dist.broadcast(piece, src=source)
-            pieces.append(piece.cpu() if self.rank == 0 else None)
-        return torch.cat(pieces)[:self.total] if self.rank == 0 else None
+    def zero_grad(self):
+        self.grads.zero_()
 
     @torch.no_grad()
-    def step(self, grad_clip):
-        """One update from the parameters' .grad; returns the global gradient norm before clipping."""
-        flat = self.flat_gradient()
-        if self.parts == 1:
-            grad = flat.float()
-        elif dist.get_backend() == "nccl":
-            grad = torch.empty(self.size, dtype=flat.dtype, device=flat.device)
-            dist.reduce_scatter_tensor(grad, flat)
-            grad = grad.float() / self.world_size
-        else:                                                          # gloo has no reduce_scatter
-            dist.all_reduce(flat)
-            grad = flat[self.start:self.start + self.size].float() / self.world_size
-        del flat
-        norm_sq = grad.double().pow(2).sum()
+    def average_gradients(self):
+        """The ranks' mean gradient over this rank's shard, in float32 (the communication of a step)."""
+        if self.parts > 1:
+            shard = torch.empty(self.shard_size, dtype=self.grads.dtype, device=self.grads.device)
+            dist.reduce_scatter_tensor(shard, self.grads)
+        else:
+            shard = self.grads
+            if self.world_size > 1:
+                for bucket in self.grads.split(self.bucket_elements):    # a few calls, not one per weight
+                    dist.all_reduce(bucket)
+        return shard.float().div_(self.world_size)     # in place in float32: the buffer is zeroed after the step
+
+    @torch.no_grad()
+    def update(self, grad, grad_clip):
+        """Clip, AdamW on the shard, send the new weights to every rank's model; returns the norm."""
+        norm_sq = torch.linalg.vector_norm(grad).double() ** 2
         if self.parts > 1:
             dist.all_reduce(norm_sq)
         norm = norm_sq.sqrt().item()
-        grad *= min(1.0, grad_clip / (norm + 1e-6))
+        grad.mul_(min(1.0, grad_clip / (norm + 1e-6)))
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
-        self.t += 1
+        self.step_count += 1
         self.master.mul_(1 - lr * self.weight_decay)
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.t)).add_(self.eps)
-        self.master.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** self.t))
-        offset, weights = 0, self.gather(self.master.to(self.params[0].dtype))  # all-gather in the model's dtype
-        for p in self.params:
-            p.copy_(weights[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.step_count)).add_(self.eps)
+        self.master.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** self.step_count))
+        for source in range(self.parts):                          # one shard in flight at a time
+            piece = self.master.to(self.params[0].dtype, copy=True)      # a buffer the broadcast may fill
+            if self.parts > 1:
+                dist.broadcast(piece, src=source)
+            for p, offset in zip(self.params, self.offsets()):
+                self.copy_overlap(piece, source * self.shard_size, p.detach().view(-1), offset)
+        self.zero_grad()
         return norm
 
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
+    def layout(self):
+        return [(tuple(p.shape), str(p.dtype)) for p in self.params]
 
     def state_dict(self):
-        """The whole state on rank 0, gathered from all shards (every rank must call it), so that a
-        checkpoint resumes on any world size."""
-        return {"t": self.t, **{name: self.gather_to_cpu(getattr(self, name))
-                                for name in ("master", "exp_avg", "exp_avg_sq")}}
-
-    def load_state_dict(self, state):
-        self.t = state["t"]
+        """The whole state in rank 0's CPU memory (every rank must call it: it gathers the shards one
+        at a time), with the weights' layout, so that a checkpoint resumes on any world size."""
+        state = {"step_count": self.step_count, "layout": self.layout()}
         for name in ("master", "exp_avg", "exp_avg_sq"):
-            setattr(self, name, self.shard_of(state[name].to(self.master.device)))
+            whole = torch.zeros(self.total) if self.rank == 0 else None
+            for source in range(self.parts):
+                piece = getattr(self, name).clone()
+                if self.parts > 1:
+                    dist.broadcast(piece, src=source)
+                if self.rank == 0:
+                    self.copy_overlap(piece.cpu(), source * self.shard_size, whole, 0)
+            state[name] = whole
+        return state
+
+    def load_state_dict(self, state, where="the checkpoint"):
+        """This rank's shard of a saved state (the whole vectors may be memory-mapped: only the shard is read)."""
+        if state.get("layout") != self.layout():
+            raise SystemExit(f"error: {where} holds optimizer state for other trained weights than this run's "
+                             f"(did --freeze_vision, --cue_recovery or the model change?); resume with the same "
+                             f"settings, or start a new run with --init_from")
+        self.step_count = state["step_count"]
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            target = getattr(self, name)
+            target.zero_()
+            self.copy_overlap(state[name], 0, target, self.start)
 
 
 # ----------------------------------------------------------------------------- data
@@ -457,58 +444,66 @@ def attach_cue_recovery(model, processor, config, rank):
               f"parameters ({100 * share:.1f}% of the student), W_O init '{config.cue_init}'")
 
 
+def draw_rollouts(student, processor, samples, micro_step, rank, world_size, config):
+    """(rows, rollout, completions) of this rank for one micro-batch: its slice of the seeded global
+    batch, num_rollouts samples of the student each. Every rollout draws from its own generator, seeded
+    by its place in the global batch, so it is the same token for token whichever rank samples it and
+    whatever shares its batch (up to float rounding)."""
+    rng = step_rng(config, micro_step)
+    global_size, n = config.batch_size * world_size, config.num_rollouts
+    chosen = [samples[rng.randrange(len(samples))] for _ in range(global_size)]
+    seeds = [rng.randrange(2**62) for _ in range(global_size * n)]
+    mine = range(rank, global_size, world_size)
+    prompts = [chosen[i] for i in mine]
+    generators = [torch.Generator(device=config.device).manual_seed(seeds[i * n + j]) for i in mine for j in range(n)]
+    # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
+    prompt = collate(processor, [student_messages(s) for s in prompts], max_length=config.max_length - config.max_new_tokens)
+    rollout = sample(student, processor, to_device(prompt, config.device), n=n, temperature=config.temperature,
+                     max_new_tokens=config.max_new_tokens, generator=generators)
+    return [s for s in prompts for _ in range(n)], rollout, rollout_completions(rollout)
+
+
+def score_with_teacher(teacher, processor, rows, rollout, completions, privilege, config, with_gap):
+    """(the teacher's logits on the student's tokens (N, V), PTD-PO's tutoring dict or None, and the
+    privilege gap when with_gap: how much the hint changes the teacher on these tokens)."""
+    if config.mode == "ptdpo":
+        scored, tutoring = ptd_reference(teacher, processor, rows, rollout, completions, privilege,
+                                         config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts, config.max_length)
+        tutored = tutoring["tutored"]
+        gap = privilege_gap(tutoring["tutor_logits"], scored[tutored]) if with_gap and tutored.any() else 0.0
+        return scored, tutoring, gap
+    scored = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length)
+    gap = 0.0
+    if with_gap and privilege != "none":
+        gap = privilege_gap(scored, teacher_logits(teacher, processor, rows, "none", completions, config.max_length))
+    return scored, None, gap
+
+
 def distill_step(student, teacher, optimizer, processor, samples, step, rank, world_size, config, times):
     """One optimizer step of on-policy distillation (the student samples, the teacher scores the same
-    tokens under its own context, the student moves toward it token by token); returns the metrics."""
+    tokens under its own context, the student moves toward it token by token); returns the metrics.
+    All micro-batches are sampled first (the loss needs the step's token count); then the teacher
+    scores one micro-batch at a time, so that only one micro-batch of its (N, V) logits is alive."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
-    rollouts = []
-    for micro in range(config.grad_accum):
-        rng = step_rng(config, step * config.grad_accum + micro)
-        global_size, n = config.batch_size * world_size, config.num_rollouts
-        chosen = [samples[rng.randrange(len(samples))] for _ in range(global_size)]
-        seeds = [rng.randrange(2**62) for _ in range(global_size * n)]   # one per rollout of the global batch
-        mine = range(rank, global_size, world_size)
-        prompts = [chosen[i] for i in mine]
-        rows = [s for s in prompts for _ in range(n)]
-        with timed(times, "sample"):
-            # each rollout draws from its own seeded generator, so that it is the same token for token
-            # whichever rank samples it and whatever shares its batch
-            generator = [torch.Generator(device=config.device).manual_seed(seeds[i * n + j]) for i in mine for j in range(n)]
-            # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
-            prompt = collate(processor, [student_messages(s) for s in prompts],
-                             max_length=config.max_length - config.max_new_tokens)
-            rollout = sample(student, processor, to_device(prompt, config.device),
-                             n=config.num_rollouts, temperature=config.temperature,
-                             max_new_tokens=config.max_new_tokens, generator=generator)
-            completions = rollout_completions(rollout)
-        with timed(times, "teacher"):
-            if config.mode == "ptdpo":
-                scored, tutoring = ptd_reference(teacher, processor, rows, rollout, completions, privilege,
-                                                 config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts,
-                                                 config.max_length)
-                gap = privilege_gap(tutoring["tutor_logits"], scored[tutoring["tutored"]]) \
-                    if tutoring["tutored"].any() else 0.0
-            else:
-                scored, tutoring = teacher_logits(teacher, processor, rows, privilege, completions,
-                                                  config.max_length), None
-                gap = 0.0
-                if privilege != "none":
-                    plain = teacher_logits(teacher, processor, rows, "none", completions, config.max_length)
-                    gap = privilege_gap(scored, plain)
-        student_batch = scoring_batch(processor, [student_messages(s) for s in rows], completions, config.max_length)
-        rollouts.append((rows, rollout, scored, tutoring, gap, to_device(student_batch, config.device)))
-
+    with timed(times, "sample"):
+        drawn = [draw_rollouts(student, processor, samples, step * config.grad_accum + micro, rank, world_size, config)
+                 for micro in range(config.grad_accum)]
     # L = (1 / N) sum over the step's N completion tokens (all micro-batches, all ranks), as in sft_step:
     # a micro-batch's token mean is weighted by its share of N, times world_size for all_reduce's average
     with timed(times, "communication"):
-        total = all_reduce_mean(float(sum(int(r[1].completion_mask.sum()) for r in rollouts)), world_size) * world_size
+        total = all_reduce_mean(float(sum(int(r.completion_mask.sum()) for _, r, _ in drawn)), world_size) * world_size
     metrics = {}
     def add(name, value, weight):
         metrics[name] = metrics.get(name, 0.0) + value * weight
 
-    for epoch in range(config.ppo_epochs):
-        for rows, rollout, scored, tutoring, gap, student_batch in rollouts:
+    for epoch in range(config.ppo_epochs):             # later epochs score again: the teacher is frozen
+        for rows, rollout, completions in drawn:
+            with timed(times, "teacher"):
+                scored, tutoring, gap = score_with_teacher(teacher, processor, rows, rollout, completions, privilege,
+                                                           config, with_gap=epoch == 0)
             with timed(times, "student"):
+                student_batch = to_device(scoring_batch(processor, [student_messages(s) for s in rows], completions,
+                                                        config.max_length), config.device)
                 student_logits, tokens = completion_logits(student, student_batch)
                 old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
                 if tutoring is None:
@@ -536,26 +531,27 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                 add("teacher_entropy", entropy(scored).mean().item(), per_token)
                 add("privilege_gap", gap, per_token)
                 add("rollout_length", rollout.lengths.float().mean().item(), per_row)
-                add("reward", sum(score(t, s.answer) for t, s in zip(rollout.texts, rows)) / len(rows), per_row)
+                rewards = [score(t, s.answer, s.choices, s.tolerance) for t, s in zip(rollout.texts, rows)]
+                add("reward", sum(rewards) / len(rows), per_row)
                 add("hint_leakage", hint_leakage(rows, rollout.texts, privilege), per_row)
                 if tutoring is not None:
                     add("failed_share", 1 - tutoring["rewards"].mean().item(), per_row)
                     add("gated_share", tutoring["gated"].float().mean().item(), per_row)
+            del scored, tutoring, student_logits, loss
         if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
-            optimizer_step(student, optimizer, config, times, world_size)
+            optimizer_step(optimizer, config, times)
     return metrics
 
 
 # ----------------------------------------------------------------------------- the optimizer step
 
-def optimizer_step(model, optimizer, config, times, world_size):
-    """Average gradients across ranks (explicit all_reduce; the sharded optimizer reduce-scatters them
-    itself, and its communication is timed as part of its step), clip, update; returns the norm."""
-    if optimizer.parts == 1:
-        with timed(times, "communication"):
-            all_reduce_gradients(model, world_size)
+def optimizer_step(optimizer, config, times):
+    """Average the gradients across ranks (explicit collectives, timed as communication), then clip
+    and update (FlatAdamW); returns the gradient norm before clipping."""
+    with timed(times, "communication"):
+        grad = optimizer.average_gradients()
     with timed(times, "optimizer"):
-        return optimizer.step(config.grad_clip)
+        return optimizer.update(grad, config.grad_clip)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -593,8 +589,9 @@ def check_ranks_agree(model, step, world_size):
 
 def load_train_state(config, optimizer):
     # memory-mapped: each rank reads only its own shard of the optimizer state
-    state = torch.load(os.path.join(config.out_dir, "ckpt", "train_state.pt"), weights_only=False, mmap=True)
-    optimizer.load_state_dict(state["optimizer"])
+    path = os.path.join(config.out_dir, "ckpt", "train_state.pt")
+    state = torch.load(path, weights_only=False, mmap=True)
+    optimizer.load_state_dict(state["optimizer"], where=path)
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -646,7 +643,8 @@ def sft_stage(config, rank, world_size):
     defaults = Config()
     reset = DISTILL_FIELDS + list(DISTILL_DEFAULTS) + list(PTDPO_DEFAULTS)  # SFT's own values for these
     sft = dataclasses.replace(config, **{key: getattr(defaults, key) for key in reset})
-    sft = dataclasses.replace(sft, mode="sft", out_dir=os.path.join(config.out_dir, "sft"), max_steps=config.sft_steps)
+    sft = dataclasses.replace(sft, mode="sft", out_dir=os.path.join(config.out_dir, "sft"), max_steps=config.sft_steps,
+                              freeze_vision=False)  # a random vision tower must learn to see first
     ckpt = os.path.join(sft.out_dir, "ckpt")
     step, saved = saved_run(ckpt)
     affects = lambda c: {k: v for k, v in c.items() if k not in SFT_NEUTRAL}  # noqa: E731
@@ -775,8 +773,8 @@ def train(config, rank, world_size):
             metrics = sft_step(model, processor, samples, step, rank, world_size, config, times)
         else:
             metrics = distill_step(model, teacher, optimizer, processor, samples, step, rank, world_size, config, times)
-        grad_norm = optimizer_step(model, optimizer, config, times, world_size)
-        metrics = {k: all_reduce_mean(v, world_size, config.device) for k, v in metrics.items()}
+        grad_norm = optimizer_step(optimizer, config, times)
+        metrics = {k: all_reduce_mean(v, world_size) for k, v in metrics.items()}
         if rank == 0:
             record = {"step": step + 1, **metrics, "grad_norm": grad_norm, "lr": learning_rate(step, config),
                       "step_time": time.time() - step_start, **{f"time_{k}": v for k, v in times.items()}}

@@ -3,6 +3,7 @@ and a data-parallel run equals one process with the same global batch: SFT, the 
 (also across a resume), and on-policy distillation."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,8 +76,12 @@ def test_the_sharded_optimizer_on_two_ranks_equals_adamw_in_one_process_and_resu
     stopped = launch(["--mode=sft", "--batch_size=2", "--shard_optimizer", "--max_steps=2"], tmp_path / "cut", ranks=2)
     state = torch.load(stopped / "ckpt" / "train_state.pt", weights_only=False)["optimizer"]
     assert state["master"].numel() == sum(v.numel() for v in load_file(stopped / "ckpt" / "model.safetensors").values())
+    shutil.copytree(stopped, tmp_path / "cut_one")
     launch(["--mode=sft", "--batch_size=2", "--shard_optimizer", "--resume"], stopped, ranks=2)
     assert_same_run(sharded, stopped)
+    # the same checkpoint resumed by one process: the whole state was gathered into it
+    launch(["--mode=sft", "--batch_size=4", "--resume"], tmp_path / "cut_one")
+    assert_same_run(sharded, tmp_path / "cut_one")
 
 
 def test_distillation_on_two_ranks_equals_one_process(tiny, tmp_path):
@@ -85,7 +90,11 @@ def test_distillation_on_two_ranks_equals_one_process(tiny, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path / "start")
     processor.save_pretrained(tmp_path / "start")
-    flags = ["--mode=vicur", f"--init_from={tmp_path / 'start'}", "--cue_init=default", "--lr=1e-3"]
-    one = launch(flags + ["--batch_size=4"], tmp_path / "one")
-    two = launch(flags + ["--batch_size=2", "--shard_optimizer"], tmp_path / "two", ranks=2)
+    # rollouts of different lengths (so that weighting by tokens matters), 2 micro-batches, 2 PPO epochs
+    flags = ["--mode=vicur", f"--init_from={tmp_path / 'start'}", "--cue_init=default", "--lr=1e-3",
+             "--max_new_tokens=12", "--grad_accum=2", "--ppo_epochs=2"]
+    one = launch(flags + ["--batch_size=2"], tmp_path / "one")
+    two = launch(flags + ["--batch_size=1", "--shard_optimizer"], tmp_path / "two", ranks=2)
     assert_same_run(one, two, keys=("loss", "grad_norm", "log_ratio", "rollout_length"))
+    lengths = [json.loads(line)["rollout_length"] for line in open(one / "log.jsonl") if '"rollout_length"' in line]
+    assert any(0 < length < 12 for length in lengths), lengths     # some rollouts ended before the limit
