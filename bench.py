@@ -1,11 +1,15 @@
-"""Speed and peak memory of our chunked divergences against plain full-materialisation references.
+"""Speed and memory, measured against references in the same process: the chunked divergences
+against plain full-materialisation, the cue module against the plain model, our sampler against
+model.generate; and a training step's time split.
 
     python bench.py                       # 2048 tokens over Qwen3-VL's 151,936-token vocabulary
     python bench.py --tokens=512 --repeats=1
     python bench.py --sink                # prefill and decode time with and without the cue recovery module
     python bench.py --sink --sink_model=2b   # the same on a random model with Qwen3-VL-2B's shapes (GPU)
+    python bench.py --rollout             # rollout.sample's tokens per second against model.generate's
+    python bench.py --train_step          # where a ViCuR training step's time goes
 
-For every case we time forward + backward (sum of the per-token values, backward into the
+For every divergence we time forward + backward (sum of the per-token values, backward into the
 student logits) and record the peak memory it takes on top of what was allocated before
 the call (the student and teacher logits). The student logits' gradient is allocated
 during the call and counted in "peak"; it is the same size (tokens x V x 4 bytes) for
@@ -206,6 +210,84 @@ def bench_cue_recovery(args, device):
         print(f"{name:<10} {1000 * a:>8.2f}ms {1000 * b:>8.2f}ms {b / a:>7.3f}")
 
 
+# ---------------------------------------------------------------------------
+# rollouts: our sampling loop against transformers' generate, same model, batch and tokens
+
+def bench_rollout(args, device):
+    """Greedy decoding of the same batch by rollout.sample and by model.generate (which must agree
+    token for token), timed in alternating rounds; new tokens per second, medians."""
+    from data import collate, eval_world, student_messages
+    from model import load_model
+    from rollout import sample
+    if args.sink_model == "2b":
+        raise SystemExit("--rollout times a tiny model (--sink_model=tiny or tiny-large): the 2B shapes have no tokenizer")
+    model, processor = load_model(args.sink_model, device=device)
+    model.eval()
+    samples = eval_world(args.batch, seed=1)
+    batch = {k: v.to(device) for k, v in collate(processor, [student_messages(s) for s in samples]).items()}
+    width = batch["input_ids"].shape[1]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, tokens_of = {"ours": [], "generate": []}, {}
+    for round_ in range(max(args.repeats, 5) + 1):                 # the first round warms up
+        for name in times:
+            sync()
+            start = time.perf_counter()
+            if name == "ours":
+                ids = sample(model, processor, batch, greedy=True, max_new_tokens=args.decode_steps).completion_ids
+            else:
+                ids = model.generate(**batch, max_new_tokens=args.decode_steps, do_sample=False)[:, width:]
+            sync()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            tokens_of[name] = ids
+    ours, theirs = tokens_of["ours"], tokens_of["generate"]
+    assert torch.equal(ours[:, :theirs.shape[1]], theirs), "our greedy tokens differ from generate's"
+    tokens = args.batch * theirs.shape[1]
+    print(f"device {device}; model {args.sink_model}; batch {args.batch} x {theirs.shape[1]} new tokens "
+          f"(greedy, identical tokens); median of {len(times['ours'])} alternating rounds")
+    for name in ("generate", "ours"):
+        median = statistics.median(times[name])
+        print(f"{name:<9} {median:>8.3f} s {tokens / median:>10.0f} tokens/s")
+    print(f"throughput ratio ours / generate: {statistics.median(times['generate']) / statistics.median(times['ours']):.2f}"
+          f" (goal >= 1)")
+
+
+# ---------------------------------------------------------------------------
+# a training step: where its time goes
+
+def bench_train_step(args, device):
+    """A few ViCuR steps of train.py (batch --batch, rollouts of up to --decode_steps tokens) from a
+    random tiny student (or --ckpt): the step's time split as train.py logs it (time_* per step), and
+    completion tokens per second; the first step is left out as warm-up."""
+    import json
+    import os
+    import tempfile
+    import train
+    from model import load_model
+    with tempfile.TemporaryDirectory() as folder:
+        start = args.ckpt
+        if not start:
+            model, processor = load_model("tiny")
+            start = os.path.join(folder, "start")
+            model.save_pretrained(start)
+            processor.save_pretrained(start)
+        train.main(["--mode=vicur", f"--init_from={start}", f"--max_steps={max(args.repeats, 3) + 1}",
+                    f"--batch_size={args.batch}", f"--max_new_tokens={args.decode_steps}", "--num_eval=7",
+                    f"--device={device}", f"--out_dir={os.path.join(folder, 'run')}"])
+        with open(os.path.join(folder, "run", "log.jsonl")) as f:
+            steps = [json.loads(line) for line in f if '"step_time"' in line][1:]
+    step_time = statistics.median(r["step_time"] for r in steps)
+    parts = sorted({k for r in steps for k in r if k.startswith("time_")})
+    print(f"device {device}; ViCuR steps of {args.batch} prompts x 1 rollout (up to {args.decode_steps} tokens), "
+          f"median of {len(steps)} steps: {step_time:.3f} s per step, "
+          f"{statistics.median(r['rollout_length'] * args.batch / r['step_time'] for r in steps):.0f} completion tokens/s")
+    for part in parts:
+        seconds = statistics.median(r.get(part, 0.0) for r in steps)
+        print(f"  {part[5:]:<14} {seconds:>7.3f} s {100 * seconds / step_time:>6.1f}%")
+    other = step_time - sum(statistics.median(r.get(p, 0.0) for r in steps) for p in parts)
+    print(f"  {'other':<14} {other:>7.3f} s {100 * other / step_time:>6.1f}%")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -215,6 +297,9 @@ def main():
     parser.add_argument("--chunk_size", type=int, default=None, help="rows per chunk (default: ours)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (median)")
     parser.add_argument("--sink", action="store_true", help="time the cue recovery module instead")
+    parser.add_argument("--rollout", action="store_true", help="time rollout.sample against model.generate instead")
+    parser.add_argument("--train_step", action="store_true", help="split a ViCuR training step's time instead")
+    parser.add_argument("--ckpt", default="", help="--train_step: start from this checkpoint (default: random tiny)")
     parser.add_argument("--sink_model", default="tiny", help="tiny | tiny-large | 2b (random, Qwen3-VL-2B shapes)")
     parser.add_argument("--grid", type=int, default=32, help="2b: patches per image side (32 -> 256 visual tokens)")
     parser.add_argument("--batch", type=int, default=8)
@@ -224,6 +309,10 @@ def main():
     torch.manual_seed(0)
     if args.sink:
         return bench_cue_recovery(args, device)
+    if args.rollout:
+        return bench_rollout(args, device)
+    if args.train_step:
+        return bench_train_step(args, device)
 
     _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4, device=device).sum(), device)
     print(f"device {device}; memory check: a 1 GiB tensor reads as {one_gib / GiB:.3f} GiB")
