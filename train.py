@@ -263,7 +263,8 @@ class FlatAdamW:
     @torch.no_grad()
     def update(self, grad, grad_clip):
         """Clip, AdamW on the shard, send the new weights to every rank's model; returns the norm."""
-        norm_sq = torch.linalg.vector_norm(grad).double() ** 2
+        # sum of squares in float64, a slice at a time (no float64 copy of the whole shard)
+        norm_sq = sum(piece.double().pow(2).sum() for piece in grad.split(self.bucket_elements))
         if self.parts > 1:
             dist.all_reduce(norm_sq)
         norm = norm_sq.sqrt().item()
