@@ -151,6 +151,8 @@ def test_normalize_canonical_forms():
     ("the answer is $42$.", "42"),
     ("<answer>4</answer>", "#### 4"),  # gold that is itself a trace
     ("the answer is 4", r"so it is \boxed{4}"),
+    ("the answer is 7 apples", "7"),  # a number followed by its unit or noun reads as the number
+    ("the answer is 3.5 cm", "3.5"),
 ])
 def test_score_true(prediction, gold):
     assert score(prediction, gold) is True
@@ -164,7 +166,9 @@ def test_score_true(prediction, gold):
     ("the answer is yes and no.", "yes"),
     ("the answer is reddish.", "red"),
     ("the answer is red.", "reddish"),
-    ("the answer is 7 apples", "7"),
+    ("the answer is 7 apples", "8"),
+    ("the answer is 7 apples and 2 pears", "7"),
+    ("the answer is 3 hundred", "3"),  # words that change the number are not units
     # close but not equal numbers
     ("the answer is 3.001", "3"),
     ("the answer is 0.33", "1/3"),
