@@ -421,8 +421,8 @@ def user_message(sample, text, extra_images=()):
 
 
 def chat_parts(chat, kind):
-    """The images ('image') or videos ('video', each a list of frames) of a chat, in template order."""
-    return [part[kind] for message in chat if not isinstance(message["content"], str)
+    """The image parts ('image') or video parts ('video': frames and fps) of a chat, in template order."""
+    return [part for message in chat if not isinstance(message["content"], str)
             for part in message["content"] if part["type"] == kind]
 
 
@@ -447,15 +447,16 @@ def collate(processor, chats, completion_ids=None, max_length=None, sample_ids=N
     videos, and completion_mask (B, L), 1 on completion tokens, when completions are given.
     """
     texts = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
-    images = [image for chat in chats for image in chat_parts(chat, "image")]
-    videos = [video for chat in chats for video in chat_parts(chat, "video")]
-    if any(len(chat_parts(chat, "video")) > 1 for chat in chats):
+    images = [part["image"] for chat in chats for part in chat_parts(chat, "image")]
+    video_parts = [chat_parts(chat, "video") for chat in chats]
+    if any(len(parts) > 1 for parts in video_parts):
         raise ValueError("a prompt with more than one video is not supported (rollout.repeat_batch assumes one)")
+    videos = [part for parts in video_parts for part in parts]
     # a video's frames are sampled already: the processor takes them all, stamped at their fps
-    metadata = [{"fps": part["fps"], "total_num_frames": len(part["video"]), "frames_indices": list(range(len(part["video"])))}
-                for chat in chats for message in chat if not isinstance(message["content"], str)
-                for part in message["content"] if part["type"] == "video"]
-    video_args = dict(videos=videos, do_sample_frames=False, video_metadata=metadata) if videos else {}
+    metadata = [{"fps": v["fps"], "total_num_frames": len(v["video"]), "frames_indices": list(range(len(v["video"])))}
+                for v in videos]
+    video_args = dict(videos=[v["video"] for v in videos], do_sample_frames=False, video_metadata=metadata) \
+        if videos else {}
     prompt = processor(text=texts, images=images or None, return_tensors="pt", padding=True, **video_args)
     pad_id = processor.tokenizer.pad_token_id
     rows = []

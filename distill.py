@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from data import collate, model_inputs, student_messages, to_device, user_message
-from evaluate import score
+from evaluate import score_sample
 from rollout import sample
 
 PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops", "hints"]
@@ -518,8 +518,7 @@ def ptd_reference(reference, processor, rows, rollout, completions, privilege, g
     the KL term and the log-ratio; a dict of per-token advantages, gates and, for the tutored rollouts
     only, its logits under the hint prompt). The reward is evaluate.score of each rollout; per-rollout
     values are repeated over that rollout's tokens, in completion_logits' row-major order."""
-    rewards = torch.tensor([float(score(text, s.answer, s.choices, s.tolerance))
-                            for text, s in zip(rollout.texts, rows)])
+    rewards = torch.tensor([float(score_sample(text, row)) for text, row in zip(rollout.texts, rows)])
     advantages = group_advantages(rewards, group_size)
     gated, tutored = ptd_gate(rewards, group_size, tau, all_rollouts)
     plain = teacher_logits(reference, processor, rows, "none", completions, max_length)

@@ -188,8 +188,11 @@ _NOT_UNITS = {"percent", "pi", "e", "hundred", "hundreds", "thousand", "thousand
               "billion", "billions", "times", "x"}
 
 
-def _number_with_unit(text):
-    """The number of '3.5 cm', '40°', '12 square units' as _parse_number gives it; None otherwise."""
+def _number_of(text):
+    """_parse_number of a cleaned answer, also through a unit: '3.5 cm', '40°', '12 square units'."""
+    number = _parse_number(text)
+    if number:
+        return number
     match = _NUMBER_WITH_UNIT.fullmatch(text)
     if not match or _NOT_UNITS & set(re.findall(r"[a-z]+", text[match.end(1):])) or re.match(r"e\d", text[match.end(1):]):
         return None
@@ -205,10 +208,9 @@ def _option_letter(prediction, choices):
     if match and ord(match.group(1).upper()) - ord("A") < len(choices):
         return match.group(1).upper()
     same = [i for i, choice in enumerate(choices) if normalize_answer(choice) == normalize_answer(prediction)]
-    if not same:                                      # '60' for the option '60°': the numbers, units dropped
-        number = _parse_number(prediction) or _number_with_unit(prediction)
-        same = [i for i, choice in enumerate(choices) if number and number[0] ==
-                ((_parse_number(_clean(choice)) or _number_with_unit(_clean(choice)) or (None,))[0])]
+    number = _number_of(prediction)
+    if not same and number:                           # '60' for the option '60°': the numbers, units dropped
+        same = [i for i, choice in enumerate(choices) if number[0] == (_number_of(_clean(choice)) or (None,))[0]]
     return chr(ord("A") + same[0]) if len(same) == 1 else None
 
 
@@ -226,7 +228,8 @@ def score(prediction_text, gold, choices=(), tolerance=0.0):
     gold = str(gold)
     prediction = extract_answer(str(prediction_text))
     if prediction is None and choices:                # "... so the correct option is (C)." on the last line
-        letters = _LETTER_IN_TEXT.findall(str(prediction_text).strip().splitlines()[-1] if prediction_text.strip() else "")
+        lines = str(prediction_text).strip().splitlines()
+        letters = _LETTER_IN_TEXT.findall(lines[-1]) if lines else []
         prediction = letters[-1] if len(set(letters)) == 1 else None
     if _looks_like_trace(gold):
         gold = extract_answer(gold)
@@ -237,9 +240,7 @@ def score(prediction_text, gold, choices=(), tolerance=0.0):
         return False
     if choices and _choice_letter(gold):
         return _option_letter(prediction, choices) == _choice_letter(gold)
-    prediction_number, gold_number = _parse_number(prediction), _parse_number(gold)
-    if gold_number and not prediction_number:         # "3.5 cm", "40°", "12 square units" -> the number
-        prediction_number = _number_with_unit(prediction)
+    prediction_number, gold_number = _number_of(prediction), _parse_number(gold)   # "3.5 cm" reads as 3.5
     if prediction_number and gold_number:
         if tolerance:
             return abs(prediction_number[0] - gold_number[0]) <= Fraction(tolerance)
@@ -248,6 +249,11 @@ def score(prediction_text, gold, choices=(), tolerance=0.0):
     if gold_letter:
         return _choice_letter(prediction) == gold_letter
     return normalize_answer(prediction) == normalize_answer(gold)
+
+
+def score_sample(prediction_text, sample):
+    """score against a Sample: its answer, with its choices and tolerance."""
+    return score(prediction_text, sample.answer, sample.choices, sample.tolerance)
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +325,7 @@ def evaluate(model, processor, samples, batch_size=64, max_new_tokens=96, messag
             rollout = sample(model, processor, batch, greedy=True, max_new_tokens=max_new_tokens)
         for s, text in zip(chunk, rollout.texts):
             records.append({"id": s.id, "task": s.task, "prediction": text, "gold": s.answer,
-                            "correct": score(text, s.answer, s.choices, s.tolerance)})
+                            "correct": score_sample(text, s)})
     correct = defaultdict(list)
     for r in records:
         correct[r["task"]].append(r["correct"])
@@ -514,13 +520,13 @@ def main(argv):
                  f"[--only=NAME,...] [--limit=N]] [--paper_settings=true] [--num_eval=N] [--seed=S] "
                  f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json] [--heatmaps=N] [--device=D] "
                  f"[--dtype=float32|bfloat16]; got {argv}")
-    if args.get("paper_settings", "false").lower() not in ("true", "1", "false", "0"):
+    paper = {"true": True, "1": True, "false": False, "0": False}.get(args.get("paper_settings", "false").lower())
+    if paper is None:
         sys.exit(f"--paper_settings expects true or false, got '{args['paper_settings']}'")
     if args.get("dtype", "float32") not in ("float32", "bfloat16"):
         sys.exit(f"--dtype expects float32 or bfloat16, got '{args['dtype']}'")
     model, processor = load_model(args["ckpt"], dtype=getattr(torch, args.get("dtype", "float32")),
                                   device=args.get("device", "cpu"))
-    paper = args.get("paper_settings", "false").lower() in ("true", "1")
     if paper:
         processor.image_processor.size = dict(PAPER_PIXELS)
     settings = dict(batch_size=int(args.get("batch_size", 64)), messages_fn=paper_messages if paper else student_messages,

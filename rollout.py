@@ -87,6 +87,9 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     which other rows share its batch (up to float rounding): what makes a data-parallel run equal a
     single-process one."""
     batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
+    batch_size = batch["input_ids"].shape[0]
+    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+        raise ValueError(f"{len(generator)} generators for {batch_size} rows (n={n} per prompt): pass one per row")
     tokenizer = processor.tokenizer
     device = batch["input_ids"].device
     stop_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")], device=device)
@@ -103,9 +106,6 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     inputs = model_inputs(batch)
     logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
-    batch_size = attention_mask.shape[0]
-    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
-        raise ValueError(f"{len(generator)} generators for {batch_size} rows (n={n} per prompt): pass one per row")
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     seen = torch.zeros(batch_size, logits.shape[-1], dtype=torch.bool, device=device)  # for the presence penalty
     tokens, logprobs, masks = [], [], []

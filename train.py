@@ -34,7 +34,7 @@ from data import (collate, completion_token_ids, describe_sample, eval_world, lo
 from distill import (check_same_tokenizer, completion_logits, distill_loss, entropy, hint_leakage, hint_text,
                      privilege_gap, probe_log_ratio, ptd_reference, ptdpo_loss, rollout_completions, scoring_batch,
                      teacher_logits, teacher_messages, token_logprobs)
-from evaluate import evaluate, format_table, score
+from evaluate import evaluate, format_table, score_sample
 from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
 from rollout import sample
 
@@ -276,14 +276,24 @@ class FlatAdamW:
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** self.step_count)).add_(self.eps)
         self.master.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1 ** self.step_count))
-        for source in range(self.parts):                          # one shard in flight at a time
-            piece = self.master.to(self.params[0].dtype, copy=True)      # a buffer the broadcast may fill
-            if self.parts > 1:
-                dist.broadcast(piece, src=source)
+        for source, piece in self.shards(self.master.to(self.params[0].dtype)):
             for p, offset in zip(self.params, self.offsets()):
                 self.copy_overlap(piece, source * self.shard_size, p.detach().view(-1), offset)
         self.zero_grad()
         return norm
+
+    def shards(self, tensor):
+        """(source rank, its shard of `tensor`) for every rank in turn, one shard in flight at a time (a
+        broadcast each); `tensor` itself is never overwritten. Unsharded: (0, tensor)."""
+        if self.parts == 1:
+            yield 0, tensor
+            return
+        buffer = torch.empty_like(tensor)
+        for source in range(self.parts):
+            if source == self.rank:
+                buffer.copy_(tensor)
+            dist.broadcast(buffer, src=source)
+            yield source, buffer
 
     def layout(self):
         return [(tuple(p.shape), str(p.dtype)) for p in self.params]
@@ -294,10 +304,7 @@ class FlatAdamW:
         state = {"step_count": self.step_count, "layout": self.layout()}
         for name in ("master", "exp_avg", "exp_avg_sq"):
             whole = torch.zeros(self.total) if self.rank == 0 else None
-            for source in range(self.parts):
-                piece = getattr(self, name).clone()
-                if self.parts > 1:
-                    dist.broadcast(piece, src=source)
+            for source, piece in self.shards(getattr(self, name)):
                 if self.rank == 0:
                     self.copy_overlap(piece.cpu(), source * self.shard_size, whole, 0)
             state[name] = whole
@@ -532,7 +539,8 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                 add("teacher_entropy", entropy(scored).mean().item(), per_token)
                 add("privilege_gap", gap, per_token)
                 add("rollout_length", rollout.lengths.float().mean().item(), per_row)
-                rewards = [score(t, s.answer, s.choices, s.tolerance) for t, s in zip(rollout.texts, rows)]
+                rewards = tutoring["rewards"].tolist() if tutoring is not None else \
+                    [score_sample(text, row) for text, row in zip(rollout.texts, rows)]
                 add("reward", sum(rewards) / len(rows), per_row)
                 add("hint_leakage", hint_leakage(rows, rollout.texts, privilege), per_row)
                 if tutoring is not None:
@@ -557,9 +565,13 @@ def optimizer_step(optimizer, config, times):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(model, processor, optimizer_state, step, config):
-    """Write out_dir/ckpt atomically: into a temporary folder, then rename over the old one.
-    optimizer_state is FlatAdamW.state_dict(), which every rank computes (it gathers the shards)."""
+def save_checkpoint(model, processor, optimizer, step, config, rank=0, world_size=1):
+    """Every rank calls it: the ranks check they agree and gather the optimizer's shards, then rank 0
+    writes out_dir/ckpt atomically: into a temporary folder, then renamed over the old one."""
+    check_ranks_agree(model, step, world_size)
+    optimizer_state = optimizer.state_dict()
+    if rank != 0:
+        return
     final = os.path.join(config.out_dir, "ckpt")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -789,16 +801,11 @@ def train(config, rank, world_size):
                                            "eval_ood_avg": results["ood_avg"]}) + "\n")
                 model.train()
         if (step + 1) % config.save_every == 0:
-            check_ranks_agree(model, step + 1, world_size)
-            optimizer_state = optimizer.state_dict()
-            if rank == 0:
-                save_checkpoint(model, processor, optimizer_state, step + 1, config)
+            save_checkpoint(model, processor, optimizer, step + 1, config, rank, world_size)
     train_time = time.time() - start_time
 
-    check_ranks_agree(model, config.max_steps, world_size)
-    optimizer_state = optimizer.state_dict()
+    save_checkpoint(model, processor, optimizer, config.max_steps, config, rank, world_size)
     if rank == 0:
-        save_checkpoint(model, processor, optimizer_state, config.max_steps, config)
         notes = []
         if teacher is not None:
             probe_after = probe_log_ratio(model, teacher, processor, probe, privilege, config.max_length, config.max_new_tokens)
