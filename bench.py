@@ -8,6 +8,7 @@ model.generate; and a training step's time split.
     python bench.py --sink --sink_model=2b   # the same on a random model with Qwen3-VL-2B's shapes (GPU)
     python bench.py --rollout             # rollout.sample's tokens per second against model.generate's
     python bench.py --train_step          # where a ViCuR training step's time goes
+    python bench.py --all                 # all four in one run, then one markdown table of ratios
 
 For every divergence we time forward + backward (sum of the per-token values, backward into the
 student logits) and record the peak memory it takes on top of what was allocated before
@@ -208,6 +209,11 @@ def bench_cue_recovery(args, device):
     print(f"{'':<10} {'plain':>10} {'+ module':>10} {'ratio':>7}")
     for name, a, b in (("prefill", a_prefill, b_prefill), ("decode/tok", a_decode, b_decode)):
         print(f"{name:<10} {1000 * a:>8.2f}ms {1000 * b:>8.2f}ms {b / a:>7.3f}")
+    where = f"{args.sink_model}, batch {args.batch}"
+    return [(f"cue module: prefill ({where})", f"{1000 * b_prefill:.2f} ms", f"{1000 * a_prefill:.2f} ms without",
+             b_prefill / a_prefill, "the paper: 1.04-1.25"),
+            (f"cue module: decode per token ({where})", f"{1000 * b_decode:.2f} ms", f"{1000 * a_decode:.2f} ms without",
+             b_decode / a_decode, "1 (no module work)")]
 
 
 # ---------------------------------------------------------------------------
@@ -248,8 +254,11 @@ def bench_rollout(args, device):
     for name in ("generate", "ours"):
         median = statistics.median(times[name])
         print(f"{name:<9} {median:>8.3f} s {tokens / median:>10.0f} tokens/s")
-    print(f"throughput ratio ours / generate: {statistics.median(times['generate']) / statistics.median(times['ours']):.2f}"
-          f" (goal >= 1)")
+    ratio = statistics.median(times["generate"]) / statistics.median(times["ours"])
+    print(f"throughput ratio ours / generate: {ratio:.2f} (goal >= 1)")
+    return [(f"sampling: tokens/s, batch {args.batch} x {theirs.shape[1]} greedy",
+             f"{tokens / statistics.median(times['ours']):.0f}", f"{tokens / statistics.median(times['generate']):.0f} "
+             f"(generate)", ratio, ">= 1")]
 
 
 # ---------------------------------------------------------------------------
@@ -281,11 +290,13 @@ def bench_train_step(args, device):
     print(f"device {device}; ViCuR steps of {args.batch} prompts x 1 rollout (up to {args.decode_steps} tokens), "
           f"median of {len(steps)} steps: {step_time:.3f} s per step, "
           f"{statistics.median(r['rollout_length'] * args.batch / r['step_time'] for r in steps):.0f} completion tokens/s")
-    for part in parts:
-        seconds = statistics.median(r.get(part, 0.0) for r in steps)
-        print(f"  {part[5:]:<14} {seconds:>7.3f} s {100 * seconds / step_time:>6.1f}%")
-    other = step_time - sum(statistics.median(r.get(p, 0.0) for r in steps) for p in parts)
-    print(f"  {'other':<14} {other:>7.3f} s {100 * other / step_time:>6.1f}%")
+    rows = []
+    shares = [(part[5:], statistics.median(r.get(part, 0.0) for r in steps)) for part in parts]
+    for name, seconds in shares + [("other", step_time - sum(seconds for _, seconds in shares))]:
+        print(f"  {name:<14} {seconds:>7.3f} s {100 * seconds / step_time:>6.1f}%")
+        rows.append((f"training step ({args.batch} x up to {args.decode_steps} tokens): {name}", f"{seconds:.3f} s",
+                     f"{step_time:.3f} s a step", seconds / step_time, "share of the step"))
+    return rows
 
 
 def main():
@@ -299,6 +310,7 @@ def main():
     parser.add_argument("--sink", action="store_true", help="time the cue recovery module instead")
     parser.add_argument("--rollout", action="store_true", help="time rollout.sample against model.generate instead")
     parser.add_argument("--train_step", action="store_true", help="split a ViCuR training step's time instead")
+    parser.add_argument("--all", action="store_true", help="all four in one run, then one table of ratios")
     parser.add_argument("--ckpt", default="", help="--train_step: start from this checkpoint (default: random tiny)")
     parser.add_argument("--sink_model", default="tiny", help="tiny | tiny-large | 2b (random, Qwen3-VL-2B shapes)")
     parser.add_argument("--grid", type=int, default=32, help="2b: patches per image side (32 -> 256 visual tokens)")
@@ -313,7 +325,20 @@ def main():
         return bench_rollout(args, device)
     if args.train_step:
         return bench_train_step(args, device)
+    if not args.all:
+        return bench_divergences(args, device)
+    # everything in one run, each part at the size its README line uses
+    rows = bench_divergences(args, device)
+    rows += bench_rollout(argparse.Namespace(**{**vars(args), "batch": 8, "decode_steps": 32, "repeats": 5}), device)
+    rows += bench_train_step(argparse.Namespace(**{**vars(args), "batch": 16, "decode_steps": 96, "repeats": 5}), device)
+    rows += bench_cue_recovery(argparse.Namespace(**{**vars(args), "batch": 8, "decode_steps": 16, "repeats": 5}), device)
+    print(f"\n| measurement ({device}) | ours | reference | ratio | goal |\n|---|---|---|---|---|")
+    for what, ours, reference, ratio, goal in rows:
+        print(f"| {what} | {ours} | {reference} | {ratio:.2f} | {goal} |")
 
+
+def bench_divergences(args, device):
+    """Each divergence, forward + backward, ours against the float32 full-materialisation reference."""
     _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4, device=device).sum(), device)
     print(f"device {device}; memory check: a 1 GiB tensor reads as {one_gib / GiB:.3f} GiB")
 
@@ -341,6 +366,7 @@ def main():
               f"{'peak':>6} {'peak-grad':>10} {'max |diff|':>11}")
     print(header)
     print("-" * len(header))
+    rows = []
     for label, kind, teacher_input, kwargs in cases:
         ref_s, ref_peak, ref_values = measure(
             lambda s: reference_divergence(s, teacher_input, kind, **kwargs), student, args.repeats, device)
@@ -350,7 +376,14 @@ def main():
         print(f"{label:<36} {ref_s:>7.2f} {ours_s:>7.2f} {ours_s / ref_s:>6.2f} {ref_peak / GiB:>8.2f} "
               f"{ours_peak / GiB:>9.2f} {ours_peak / ref_peak:>6.2f} "
               f"{(ours_peak - grad_bytes) / (ref_peak - grad_bytes):>10.2f} {max_diff:>11.1e}", flush=True)
+        rows += [(f"{label}: time, {args.tokens} x {args.vocab}", f"{ours_s:.2f} s", f"{ref_s:.2f} s", ours_s / ref_s,
+                  "<= 1"),
+                 (f"{label}: peak memory", f"{ours_peak / GiB:.2f} GiB", f"{ref_peak / GiB:.2f} GiB",
+                  ours_peak / ref_peak, "<= 0.25"),
+                 (f"{label}: peak memory without the logits' gradient", f"{(ours_peak - grad_bytes) / GiB:.2f} GiB",
+                  f"{(ref_peak - grad_bytes) / GiB:.2f} GiB", (ours_peak - grad_bytes) / (ref_peak - grad_bytes), "")]
     print("time, peak, peak-grad: ours / reference (lower is better; goal: peak <= 0.25 at time <= 1)")
+    return rows
 
 
 if __name__ == "__main__":

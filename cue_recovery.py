@@ -239,6 +239,17 @@ def cue_recall(weights, boxes, image_grid_thw, image_sizes, patch_size=16, merge
     return torch.stack(recalls), torch.stack(area_shares)
 
 
+def rows_cue_recall(weights, samples, batch, processor):
+    """Mean cue recall of weights a forward on `batch` recorded (B, num_modules, N), over the rows of
+    `samples` that have boxes; None unless every row holds one image (image_grid_thw is then per row)."""
+    if not all(hasattr(s.image, "size") for s in samples) or not any(s.boxes for s in samples):
+        return None
+    recall, _ = cue_recall(weights, [s.boxes for s in samples], batch["image_grid_thw"], [s.image.size for s in samples],
+                           processor.image_processor.patch_size, processor.image_processor.merge_size)
+    has_boxes = torch.tensor([bool(s.boxes) for s in samples], device=recall.device)
+    return recall.mean(-1)[has_boxes].mean().item()                            # modules, then rows
+
+
 @torch.no_grad()
 def evaluation_cue_recall(model, processor, samples, batch_size=64):
     """Cue recall over the samples that have boxes, from the student's own prompt (image + question):

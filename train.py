@@ -512,7 +512,14 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
             with timed(times, "student"):
                 student_batch = to_device(scoring_batch(processor, [student_messages(s) for s in rows], completions,
                                                         config.max_length), config.device)
+                module = cue_recovery.get(student) if epoch == 0 else None
+                if module is not None:
+                    module.recorded = []                        # the sink's attention, for the cue recall
                 student_logits, tokens = completion_logits(student, student_batch)
+                if module is not None:
+                    recorded, module.recorded = module.recorded, None  # not again in --grad_ckpt's recompute
+                    recall = cue_recovery.rows_cue_recall(torch.stack(recorded, 1).detach(), rows, student_batch,
+                                                          processor) if recorded else None
                 old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
                 if tutoring is None:
                     loss, stats = distill_loss(student_logits, tokens, old_logprobs, scored, config.loss,
@@ -543,6 +550,8 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                     [score_sample(text, row) for text, row in zip(rollout.texts, rows)]
                 add("reward", sum(rewards) / len(rows), per_row)
                 add("hint_leakage", hint_leakage(rows, rollout.texts, privilege), per_row)
+                if module is not None and recall is not None:
+                    add("cue_recall", recall, per_row)
                 if tutoring is not None:
                     add("failed_share", 1 - tutoring["rewards"].mean().item(), per_row)
                     add("gated_share", tutoring["gated"].float().mean().item(), per_row)

@@ -276,3 +276,24 @@ def test_evaluate_cli_writes_heat_maps_and_cue_recall(tiny, tmp_path, capsys):
     assert len(pictures) == 2 and "wrote 2 heat maps" in capsys.readouterr().out
     width, height = Image.open(pictures[0]).size
     assert height == 3 * IMAGE_SIZE and width == 3 * (3 * IMAGE_SIZE + 4)      # one panel per module layer
+
+
+def test_the_cue_recall_logged_in_training_equals_the_prompt_alone(tiny):
+    """distill_step records the sink's attention during the student's forward on prompt + completion;
+    the visual tokens and the sink precede the completion, so it must equal a prefill of the prompt."""
+    model, processor = tiny
+    module_model = with_module(tiny, seed=5)
+    samples = eval_world(4, seed=6)
+    samples[1] = copy.copy(samples[1])
+    samples[1].boxes = []                                            # a row without boxes is left out
+    completions = [processor.tokenizer.encode(text) for text in ("the answer is 3", "no", "red", "a1 small red")]
+    module = cue_recovery.get(module_model)
+    module.recorded = []
+    completion_logits(module_model, scoring_batch(processor, [student_messages(s) for s in samples], completions))
+    recorded, module.recorded = module.recorded, None
+    batch = scoring_batch(processor, [student_messages(s) for s in samples], completions)
+    logged = cue_recovery.rows_cue_recall(torch.stack(recorded, 1), samples, batch, processor)
+    prompt = collate(processor, [student_messages(s) for s in samples])
+    recall, _ = cue_recovery.cue_recall(cue_recovery.sink_attention(module_model, prompt), [s.boxes for s in samples],
+                                        prompt["image_grid_thw"], [s.image.size for s in samples])
+    assert logged == pytest.approx(recall.mean(-1)[[0, 2, 3]].mean().item(), abs=1e-5)

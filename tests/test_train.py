@@ -192,6 +192,7 @@ def test_distillation_modes_run_end_to_end(flags, tmp_path):
     with_module = config["mode"] == "vicur" and config["cue_recovery"]
     assert os.path.exists(tmp_path / "ckpt" / "cue_recovery.pt") == with_module
     assert ("cue_recall" in json.load(open(tmp_path / "eval.json"))) == with_module
+    assert all(("cue_recall" in r) == with_module for r in log)                # the sink's attention, each step
 
 
 def test_the_default_pipeline_reuses_a_complete_sft_stage(tmp_path, capsys):

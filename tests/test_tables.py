@@ -1,0 +1,118 @@
+"""The paper's tables on the embedded world: the runner, the seed table and the curves."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+from PIL import Image
+
+import evaluate
+from model import load_model
+
+
+def fake_run(folder, per_family, steps=(), cue_recall=None):
+    os.makedirs(folder, exist_ok=True)
+    results = {"per_family": per_family, **evaluate.family_averages(per_family)}
+    if cue_recall is not None:
+        results["cue_recall"] = {"recall": cue_recall}
+    json.dump(results, open(os.path.join(folder, "eval.json"), "w"))
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 0, "probe_log_ratio": 0.5}) + "\n")          # not a step line
+        f.writelines(json.dumps({"step": i + 1, "loss": 1.0, **record}) + "\n" for i, record in enumerate(steps))
+
+
+def cells_of(text, row):
+    line = next(line for line in text.splitlines() if line.startswith(f"| {row} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_the_seed_table_by_hand(tmp_path):
+    """Means and sample standard deviations over seeds (statistics as the reference), the paired
+    difference to Base on the same seed, step means of the logged gap and leakage, the final recall."""
+    base = {0: {"count": 0.8, "spatial": 0.6, "novel_pair": 0.5}, 1: {"count": 0.6, "spatial": 0.6, "novel_pair": 0.7}}
+    opsd = {0: {"count": 0.9, "spatial": 0.5, "novel_pair": 0.4}, 1: {"count": 0.8, "spatial": 0.7, "novel_pair": 0.9}}
+    for seed in (0, 1):
+        fake_run(tmp_path / "base" / f"seed{seed}", base[seed])
+        fake_run(tmp_path / "opsd" / f"seed{seed}", opsd[seed],
+                 [{"privilege_gap": 0.1 * (seed + 1), "hint_leakage": 0.0}, {"privilege_gap": 0.3, "hint_leakage": 0.5}])
+        fake_run(tmp_path / "opsd_vicur" / f"seed{seed}", base[seed], [{"privilege_gap": 0.2, "hint_leakage": 1.0}],
+                 cue_recall=0.10 + 0.02 * seed)
+    text = evaluate.write_tables(str(tmp_path), [0, 1], ["opsd", "opsd_vicur"], minutes=1.0)
+    assert text == open(tmp_path / "tables.md").read()
+    header = cells_of(text, "row")
+    assert header[:3] == ["count", "spatial", "novel_pair"]
+
+    def expect(values, digits=1):
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    opsd_cells = dict(zip(header, cells_of(text, "OPSD")))
+    assert opsd_cells["count"] == expect([90.0, 80.0])
+    assert opsd_cells["in-domain"] == expect([70.0, 75.0])                    # (count + spatial) / 2 per seed
+    assert opsd_cells["out-of-domain"] == expect([40.0, 90.0])
+    assert opsd_cells["Δ in-domain"] == expect([70.0 - 70.0, 75.0 - 60.0])
+    assert opsd_cells["Δ out-of-domain"] == expect([40.0 - 50.0, 90.0 - 70.0])
+    assert opsd_cells["privilege gap"] == expect([0.2, 0.25], 4)              # step means, per seed
+    assert opsd_cells["hint leakage"] == expect([0.25, 0.25], 2)
+    assert opsd_cells["cue recall"] == "-"
+    vicur_cells = dict(zip(header, cells_of(text, "OPSD+ViCuR")))
+    assert vicur_cells["cue recall"] == expect([10.0, 12.0]) and vicur_cells["Δ in-domain"] == "0.0 ± 0.0"
+    assert cells_of(text, "Base (SFT)")[header.index("Δ in-domain")] == "-"
+    ablation = text.split("## Component ablation")[1]
+    assert "| answer hint (OPSD) |" in ablation and "| full ViCuR: cue hint + module |" in ablation
+    assert "+ cue hint only" not in ablation                                  # a row that did not run
+    assert sorted(p.name for p in tmp_path.glob("curves_*.png")) == ["curves_ablation.png", "curves_teachers.png"]
+
+
+def test_step_series_averages_seeds_then_smooths(tmp_path):
+    for seed, values in ((0, [1.0, 2.0, 3.0]), (1, [3.0, 4.0, 5.0])):
+        fake_run(tmp_path / f"seed{seed}", {"count": 1.0}, [{"reward": v} for v in values])
+    runs = [tmp_path / "seed0", tmp_path / "seed1"]
+    assert evaluate.step_series(runs, "reward", smooth=1) == [(1, 2.0), (2, 3.0), (3, 4.0)]
+    assert evaluate.step_series(runs, "reward", smooth=2) == [(1, 2.0), (2, 2.5), (3, 3.5)]
+    assert evaluate.step_series(runs, "cue_recall") == []
+
+
+def test_curves_draw_every_row_in_its_colour(tmp_path):
+    series = {"rising": {"loss": [(1, 0.0), (50, 1.0)], "reward": [(1, 0.5), (50, 0.5)]},
+              "falling": {"loss": [(1, 1.0), (50, 0.0)]}}
+    path = evaluate.draw_curves(series, tmp_path / "curves.png", "test")
+    image = Image.open(path).convert("RGB")
+    assert image.size == (4 * 330, 30 + 220)                 # two metric panels and the legend: one row of 4
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20)}
+    assert evaluate.COLORS[0] in colours and evaluate.COLORS[1] in colours and evaluate.COLORS[2] not in colours
+
+
+def test_the_runner_skips_finished_runs_reruns_changed_ones_and_reports_failures(tmp_path):
+    write = "import os, sys; open(os.path.join(sys.argv[1], 'eval.json'), 'w').write('{}'); " \
+            "open(os.path.join(sys.argv[1], os.pardir, 'calls'), 'a').write(sys.argv[2])"
+    commands = {str(tmp_path / name): [sys.executable, "-c", write, str(tmp_path / name), name] for name in "abc"}
+    evaluate.run_commands(commands, jobs=2)
+    assert sorted(open(tmp_path / "calls").read()) == ["a", "b", "c"]
+    evaluate.run_commands(commands, jobs=2)                                    # all complete: nothing runs
+    commands[str(tmp_path / "b")].append("changed")
+    evaluate.run_commands(commands, jobs=2)                                    # only the changed command
+    assert sorted(open(tmp_path / "calls").read()) == ["a", "b", "b", "c"]
+    failing = {str(tmp_path / "d"): [sys.executable, "-c", "print('the reason'); raise SystemExit(3)"]}
+    with pytest.raises(SystemExit, match="(?s)exit 3.*the reason"):
+        evaluate.run_commands(failing, jobs=1)
+
+
+def test_the_tables_command_end_to_end(tiny, tmp_path):
+    """Two rows and Base, one seed, one step: the real train.py and evaluate.py in subprocesses.
+    Base (evaluate.py on the SFT checkpoint) must equal what train.py measured before distillation."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "sft")
+    processor.save_pretrained(tmp_path / "sft")
+    evaluate.main([f"--tables={tmp_path / 'tables'}", "--seeds=3", "--rows=opsd,opsd_vicur", f"--init_from={tmp_path / 'sft'}",
+                   "--max_steps=1", "--num_eval=7", "--num_train=40", "--batch_size=2", "--max_new_tokens=6"])
+    text = open(tmp_path / "tables" / "tables.md").read()
+    assert all(f"| {row} |" in text for row in ("Base (SFT)", "OPSD", "OPSD+ViCuR", "full ViCuR: cue hint + module"))
+    base = json.load(open(tmp_path / "tables" / "base" / "seed3" / "eval.json"))
+    before = json.load(open(tmp_path / "tables" / "opsd" / "seed3" / "eval_before.json"))
+    assert base["per_family"] == before["per_family"] and len(base["per_family"]) == 7
+    config = json.load(open(tmp_path / "tables" / "opsd_vicur" / "seed3" / "config.json"))
+    assert (config["seed"], config["max_steps"], config["mode"]) == (3, 1, "vicur")
+    log = [json.loads(line) for line in open(tmp_path / "tables" / "opsd_vicur" / "seed3" / "log.jsonl")]
+    assert 0 < next(r for r in log if "loss" in r)["cue_recall"] < 1
+    assert os.path.isfile(tmp_path / "tables" / "curves_teachers.png")
+    load_model(str(tmp_path / "tables" / "opsd_vicur" / "seed3" / "ckpt"))   # a usable checkpoint
