@@ -1,4 +1,5 @@
-"""Answer extraction, scoring, the evaluation table, and loaders for the paper's seven benchmarks.
+"""Answer extraction, scoring, the evaluation table, loaders for the paper's seven benchmarks, and the
+paper's tables on the embedded world (many runs of train.py, summarised with their curves).
 
 Scoring is pure functions on strings (tests call them directly). `evaluate` answers through
 rollout.sample (greedy, or sampled with the paper's settings), seeing only the image (or video)
@@ -8,6 +9,8 @@ out-of-domain averages and the majority-answer baseline beside them.
     python evaluate.py --ckpt=DIR                 # the embedded world's evaluation set
     python evaluate.py --ckpt=DIR --data=FILE     # a JSONL file in data.py's format
     python evaluate.py --ckpt=DIR --benchmarks=FOLDER --paper_settings=true   # the paper's Table 1 row
+    python evaluate.py --tables=FOLDER --init_from=SFT_CKPT   # the paper's tables on the embedded world:
+                                                  # every row x 3 seeds through train.py, tables.md, curves
 """
 
 import ast
@@ -768,7 +771,8 @@ def main(argv):
         sys.exit(f"usage: python evaluate.py --ckpt=DIR|MODEL_ID [--data=FILE.jsonl | --benchmarks=FOLDER "
                  f"[--only=NAME,...] [--limit=N]] [--paper_settings=true] [--num_eval=N] [--seed=S] "
                  f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json] [--heatmaps=N] [--device=D] "
-                 f"[--dtype=float32|bfloat16]; got {argv}")
+                 f"[--dtype=float32|bfloat16]\n   or: python evaluate.py --tables=FOLDER [--seeds=0,1,2] [--jobs=2] "
+                 f"[--init_from=SFT_CKPT] [--teacher=CKPT] [--rows=NAME,...] [train.py flags]; got {argv}")
     paper = {"true": True, "1": True, "false": False, "0": False}.get(args.get("paper_settings", "false").lower())
     if paper is None:
         sys.exit(f"--paper_settings expects true or false, got '{args['paper_settings']}'")
