@@ -542,18 +542,22 @@ FIGURES = {  # one curves figure per comparison: {file name: {run folder: row}}
 CURVES = ["loss", "log_ratio", "privilege_gap", "hint_leakage", "reward", "student_entropy", "cue_recall"]
 
 
+def script(name):
+    """argv that runs one of this repository's scripts with this Python."""
+    return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
+
+
 def table_commands(folder, seeds, sft, teacher, train_flags, threads, names):
     """{run folder: argv} for the rows `names` and every seed, and the base evaluations of the SFT checkpoint."""
-    here = os.path.dirname(os.path.abspath(__file__))
     num_eval = next((f.split("=", 1)[1] for f in train_flags if f.startswith("--num_eval=")), "350")
     commands = {}
     for seed in seeds:
         commands[os.path.join(folder, "base", f"seed{seed}")] = [
-            sys.executable, os.path.join(here, "evaluate.py"), f"--ckpt={sft}", f"--seed={seed}", f"--num_eval={num_eval}",
+            *script("evaluate.py"), f"--ckpt={sft}", f"--seed={seed}", f"--num_eval={num_eval}",
             f"--out={os.path.join(folder, 'base', f'seed{seed}', 'eval.json')}"]
         for name in names:
             run = os.path.join(folder, name, f"seed{seed}")
-            commands[run] = [sys.executable, os.path.join(here, "train.py"), f"--init_from={sft}",
+            commands[run] = [*script("train.py"), f"--init_from={sft}",
                              *TABLE_RUNS[name][1].format(teacher=teacher).split(), f"--seed={seed}", f"--threads={threads}",
                              *train_flags, f"--out_dir={run}"]
     return commands
@@ -596,6 +600,7 @@ def run_summary(run):
     privilege gap and hint leakage from log.jsonl, and the final cue recall (%)."""
     results = json.load(open(os.path.join(run, "eval.json")))
     summary = {task: 100 * value for task, value in results["per_family"].items()}
+    summary["families"] = family_order(results["per_family"])
     summary |= {"in_domain_avg": 100 * results["in_domain_avg"], "ood_avg": 100 * results["ood_avg"]}
     if "cue_recall" in results:
         summary["cue_recall"] = 100 * results["cue_recall"]["recall"]
@@ -702,8 +707,7 @@ def write_tables(folder, seeds, names, minutes):
     runs = {name: {seed: run_summary(os.path.join(folder, name, f"seed{seed}")) for seed in seeds}
             for name in ["base", *names]}
     present = lambda rows: {row: title for row, title in rows.items() if row in runs}  # noqa: E731
-    families = [f for f in family_order(runs["base"][seeds[0]]) if f not in (
-        "in_domain_avg", "ood_avg", "cue_recall", "privilege_gap", "hint_leakage")]
+    families = runs["base"][seeds[0]]["families"]
     date = datetime.date.today().isoformat()
     text = (f"# The paper's tables on the embedded world\n\n{date}; seeds {', '.join(map(str, seeds))}; "
             f"{minutes:.0f} min. Accuracy in %, mean ± standard deviation over seeds. Δ: the row minus Base on "
@@ -735,8 +739,7 @@ def tables_main(args, train_flags):
     if set(names) - set(TABLE_RUNS):
         sys.exit(f"error: --rows: unknown {sorted(set(names) - set(TABLE_RUNS))}; the rows are {list(TABLE_RUNS)}")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    here = os.path.dirname(os.path.abspath(__file__))
-    train = [sys.executable, os.path.join(here, "train.py")]
+    train = script("train.py")
     needed = {}
     sft = args.get("init_from") or os.path.join(folder, "sft", "ckpt")
     teacher = args.get("teacher") or os.path.join(folder, "teacher", "ckpt")
