@@ -120,6 +120,14 @@ def _kl(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def _reverse_kl(log_p_student, log_p_teacher):
+    """KL(p_S || p_T) over the last dim; +inf on a row where the teacher gives an id p_T = 0 (a -inf
+    logit or log-prob, stored as _LOG_ZERO), since p_S, a softmax of finite logits, is > 0 there.
+    Such a row's gradient is 0: its value is +inf for every student, no step changes it."""
+    teacher_has_zero = (log_p_teacher == _LOG_ZERO).any(-1)  # (rows,)
+    return torch.where(teacher_has_zero, math.inf, _kl(log_p_student, log_p_teacher))
+
+
 def _jsd(log_p_student, log_p_teacher, beta, stop_grad_weights=False):
     """GKD's generalised JSD over the last dim.
 
@@ -165,9 +173,10 @@ def _teacher_logprobs_from_top(top_logprobs, top_ids, vocab_size):
 
     Ids the teacher did not list share its leftover mass evenly:
     p_T(v) = (1 - sum_M p_T) / (V - M). A leftover that rounds to <= 0 is clamped to the
-    smallest positive float32 so that log p_T stays finite (rkl stays finite).
+    smallest positive float32 so that log p_T stays finite (rkl stays finite). A listed -inf
+    (an id the teacher masks) is stored as _LOG_ZERO, as in the full-logits path.
     """
-    top_logprobs = top_logprobs.float()
+    top_logprobs = top_logprobs.float().clamp_min(_LOG_ZERO)
     num_unlisted = max(vocab_size - top_logprobs.shape[-1], 1)
     leftover = (1 - top_logprobs.exp().sum(-1, keepdim=True)).clamp_min(_TINY)  # (rows, 1)
     log_fill = leftover.log() - math.log(num_unlisted)
@@ -274,7 +283,7 @@ def divergence(student_logits, teacher_logits, kind, beta=0.5, top_k=None, tempe
         student only). An id not listed gets p_T = (1 - sum_M p_T) / (V - M).
     kind:
         fkl       KL(p_T || p_S)
-        rkl       KL(p_S || p_T)
+        rkl       KL(p_S || p_T); +inf (gradient 0) on a position where the teacher has p_T = 0 somewhere
         jsd       beta KL(p_T || M) + (1 - beta) KL(p_S || M), M = (1 - beta) p_S + beta p_T
         topk_jsd  jsd over K+1 buckets: the student's top-K ids (K = top_k) + one tail bucket
     stop_grad_weights: jsd/topk_jsd only; KL(p_S || M) = sum sg(p_S) (log p_S - log M). Beware: over
@@ -282,6 +291,8 @@ def divergence(student_logits, teacher_logits, kind, beta=0.5, top_k=None, tempe
         = -(1-beta) grad sum_v p_S = 0: the value is the JSD's, the gradient is identically zero.
     chunk_size: rows per chunk (None: about 32 MiB of float32 per (rows, V) block on CPU,
         128 MiB on GPU).
+    A -inf teacher logit or log-prob is p_T = 0 there, with 0 log 0 = 0: fkl, jsd and topk_jsd stay
+    finite, rkl is +inf.
     Returns (...) float32. Gradient flows to student_logits only, and backward can run
     once per call.
     """
@@ -319,7 +330,7 @@ def divergence(student_logits, teacher_logits, kind, beta=0.5, top_k=None, tempe
         if kind == "fkl":
             return _kl(log_p_teacher, log_p_student)
         if kind == "rkl":
-            return _kl(log_p_student, log_p_teacher)
+            return _reverse_kl(log_p_student, log_p_teacher)
         if kind == "jsd":
             return _jsd(log_p_student, log_p_teacher, beta, stop_grad_weights)
         return _topk_jsd(log_p_student, log_p_teacher, top_k, beta, stop_grad_weights)
@@ -327,35 +338,49 @@ def divergence(student_logits, teacher_logits, kind, beta=0.5, top_k=None, tempe
     return _rowwise(row_fn, student_logits, *teacher_inputs, chunk_size=chunk_size)
 
 
-def sampled_token_loss(new_logprobs, old_logprobs, teacher_logprobs, completion_mask, clip_eps=0.2, clamp=10.0):
+def sampled_token_loss(new_logprobs, old_logprobs, teacher_logprobs, completion_mask, clip_eps=0.2, clamp=10.0,
+                       dual_clip=0.0):
     """The paper's on-policy distillation objective on the sampled tokens (PPO-clipped).
 
     d_t = clamp(log pi_old(y_t) - log pi_T(y_t | x_T), -clamp, clamp);  A_t = -d_t (no gradient)
     r_t = pi_new(y_t) / pi_old(y_t)
     L = mean_t over completion tokens of -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)
+    dual_clip = c > 1 bounds a token with A_t < 0 at -c A_t (see clipped_surrogate); 0 = off.
     All inputs (B, T); completion_mask is 1 on completion tokens. Returns (loss, stats)
-    with stats = {log_ratio: mean unclamped d_t, clip_frac: share of tokens where the
-    clipped branch is the one taken}.
+    with stats = {log_ratio: mean unclamped d_t, clip_frac: share of tokens where a clip
+    binds}.
     """
     mask = completion_mask.float()
     old_logprobs, teacher_logprobs = old_logprobs.detach(), teacher_logprobs.detach()
     log_ratio = old_logprobs - teacher_logprobs  # d_t = log pi_old - log pi_T
     # A_t = -clamp(d_t); 0 off the completion, where padding may hold inf/nan
     advantage = torch.where(mask > 0, -log_ratio.clamp(-clamp, clamp), 0)
-    per_token, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps)
+    per_token, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps, dual_clip)
     stats = {"log_ratio": masked_mean(log_ratio, mask).item(), "clip_frac": masked_mean(clip_active, mask).item()}
     return masked_mean(per_token, mask), stats
 
 
-def clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps):
+def clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps, dual_clip=0.0):
     """Per token -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) with r_t = pi_new(y_t) / pi_old(y_t),
-    and where the clip binds (A > 0 and r > 1+eps, or A < 0 and r < 1-eps) as a float mask."""
+    and where a clip binds (A > 0 and r > 1+eps, or A < 0 and r < 1-eps) as a float mask.
+
+    dual_clip = c > 1 (Ye et al. 2020; verl and PTD-PO use c = 3) also bounds a token with A < 0 at
+    -c A, so that one token whose ratio has grown far past 1 + eps cannot dominate; there it binds
+    when r > c. 0 = off.
+    """
+    if dual_clip != 0 and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be 0 (off) or > 1 (the bound -c A on a token with A < 0; verl and "
+                         f"PTD-PO use 3.0), got {dual_clip}")
     ratio = torch.exp(new_logprobs - old_logprobs.detach())  # r_t = pi_new / pi_old
     unclipped = ratio * advantage  # r_t A_t
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage  # clip(r_t) A_t
+    per_token = -torch.minimum(unclipped, clipped)  # L_t = max(-A r, -A clip(r, 1-eps, 1+eps))
     with torch.no_grad():
         clip_active = ((advantage > 0) & (ratio > 1 + clip_eps)) | ((advantage < 0) & (ratio < 1 - clip_eps))
-    return -torch.minimum(unclipped, clipped), clip_active.float()
+    if dual_clip:  # A < 0: L_t = min(max(-A r, -A clip(r, 1-eps, 1+eps)), -A c)
+        per_token = torch.where(advantage < 0, torch.minimum(per_token, -advantage * dual_clip), per_token)
+        clip_active |= (advantage < 0) & (ratio > dual_clip)
+    return per_token, clip_active.float()
 
 
 # ----------------------------------------------------------------------------- teacher scoring
@@ -400,18 +425,23 @@ def check_same_tokenizer(student_processor, teacher_processor, teacher_name):
 # ----------------------------------------------------------------------------- losses and diagnostics
 
 def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sampled_rkl", beta=0.5,
-                 top_k=None, temperature=1.0, clip_eps=0.2):
+                 top_k=None, temperature=1.0, clip_eps=0.2, dual_clip=0.0):
     """The student's loss on its own completion tokens, all inputs flat over tokens: (N, V) / (N,).
 
-    sampled_rkl (the paper): PPO surrogate with A_t = -clamp(log pi_old(y_t) - log pi_T(y_t), -10, 10)
+    sampled_rkl (the paper): PPO surrogate with A_t = -clamp(log pi_old(y_t) - log pi_T(y_t), -10, 10),
+        dual-clipped at -c A_t for A_t < 0 when dual_clip = c > 1 (0 = off)
     fkl / rkl / jsd / topk_jsd: mean_t D(p_S(.|t), p_T(.|t)) over the completion tokens
     """
+    if dual_clip and loss != "sampled_rkl":
+        raise ValueError(f"dual_clip bounds the PPO surrogate of loss=sampled_rkl; loss={loss!r} has none "
+                         f"(set dual_clip=0)")
     mask = torch.ones_like(tokens, dtype=torch.float32)
     teacher_token_logprobs = token_logprobs(teacher_logits, tokens, temperature)  # log pi_T(y_t | x_T), same temperature
     log_ratio = old_logprobs - teacher_token_logprobs
     if loss == "sampled_rkl":
         new_logprobs = token_logprobs(student_logits, tokens, temperature)  # log pi_theta(y_t), tempered as sampled
-        value, stats = sampled_token_loss(new_logprobs, old_logprobs, teacher_token_logprobs, mask, clip_eps)
+        value, stats = sampled_token_loss(new_logprobs, old_logprobs, teacher_token_logprobs, mask, clip_eps,
+                                          dual_clip=dual_clip)
         return value, stats
     per_token = divergence(student_logits, teacher_logits, loss, beta=beta, top_k=top_k, temperature=temperature)
     return masked_mean(per_token, mask), {"log_ratio": masked_mean(log_ratio, mask).item(), "clip_frac": 0.0}
@@ -466,9 +496,14 @@ def hint_leakage(samples, completions_text, privilege, n=3):
 
 def group_advantages(rewards, group_size, eps=1e-6):
     """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps) over the group_size rollouts of each
-    prompt (rollouts of a prompt are consecutive); a group with one reward throughout gets A = 0."""
+    prompt (rollouts of a prompt are consecutive); a group with one reward throughout (a single
+    rollout included) gets A = 0."""
     groups = rewards.float().view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).view(-1)
+    if group_size == 1:
+        return torch.zeros(groups.numel(), device=groups.device)  # std of one reward is undefined; A = 0
+    advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    same_throughout = (groups == groups[:, :1]).all(1, keepdim=True)  # the mean may round off r: force 0
+    return torch.where(same_throughout, 0.0, advantages).view(-1)
 
 
 def ptd_gate(rewards, group_size, tau=1.0, all_rollouts=False):
@@ -481,17 +516,18 @@ def ptd_gate(rewards, group_size, tau=1.0, all_rollouts=False):
 
 def ptdpo_loss(new_logprobs, old_logprobs, ref_logprobs, advantages, gated, tutored, student_logits, tutor_logits,
                clip_eps=0.2, kl_coef=0.0, ptd_coef=0.05, top_k=100, beta=0.5, stop_grad_weights=False,
-               entropy_coef=0.0, temperature=1.0):
+               entropy_coef=0.0, temperature=1.0, dual_clip=0.0):
     """PTD-PO's loss, a mean over all completion tokens; inputs flat over tokens (N,) except
     advantages, gated, tutored, which are per token already (their rollout's), and tutor_logits,
     which are (number of tutored tokens, V) in token order.
 
-        L_t = -min(r_t A, clip(r_t) A)                                   GRPO, A of the token's rollout
+        L_t = -min(r_t A, clip(r_t) A)                                   GRPO, A of the token's rollout;
+                                                                         at most -c A if A < 0 (dual_clip = c)
               + kl_coef  * (exp(q_t) - q_t - 1), q_t = log pi_ref - log pi_theta   the k3 KL, groups not gated
               + ptd_coef * TopK-JSD(p_theta, p_ref(. | x + hint))_t     tutored rollouts only
               - entropy_coef * H(p_theta)_t                             tutored rollouts only (optional)
     """
-    surrogate, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantages, clip_eps)
+    surrogate, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantages, clip_eps, dual_clip)
     q = ref_logprobs.detach() - new_logprobs
     kl = torch.exp(q) - q - 1                                           # k3 estimate of KL(pi_theta || pi_ref)
     per_token = surrogate + kl_coef * torch.where(gated, 0, kl)

@@ -1,6 +1,8 @@
 """Divergences, token log-probs, entropy and the sampled-token loss, each checked against a
 plain full-materialisation float64 reference written here."""
-from distill import divergence, entropy, masked_mean, sampled_token_loss, token_logprobs
+from distill import clipped_surrogate, divergence, entropy, masked_mean, sampled_token_loss, token_logprobs
+
+import math
 
 import pytest
 import torch
@@ -9,6 +11,15 @@ V = 50
 SHAPE = (3, 7, V)  # 21 rows
 CHUNK = 4  # fewer rows than 21: chunking is exercised, with a ragged last chunk
 KINDS = ("fkl", "rkl", "jsd", "topk_jsd")
+
+# Tolerances of float32 results against float64 references, from float32's eps (1.2e-7). Here |log p| <= 16
+# (scale-2 logits over V = 50) and a row's log-normaliser <= 12, so each float32 log-prob is off by <= ~20 eps.
+EPS32 = torch.finfo(torch.float32).eps
+# a divergence compares two such log-probs, p-weighted, over V terms: <= 40 eps + (20 + V) eps |value|
+VALUE_ATOL, VALUE_RTOL = 1e-5, 1e-4  # 2x and 10x that bound
+# a gradient entry is p_v (d_v - sum_u p_u d_u) for log-prob differences |d| <= 32, where the normalisers' rounding
+# cancels: <= ~15 eps relative + ~60 eps absolute
+GRAD_ATOL, GRAD_RTOL = 64 * EPS32, 1e-4
 
 
 # ---------------------------------------------------------------------------
@@ -91,12 +102,12 @@ def value_and_grad(fn, student_logits, seed=99):
     return values.detach(), grad
 
 
-def assert_matches_reference(ours, reference, student_logits, value_atol=1e-5, grad_atol=1e-6):
+def assert_matches_reference(ours, reference, student_logits):
     ours_values, ours_grad = value_and_grad(ours, student_logits)
     ref_values, ref_grad = value_and_grad(reference, student_logits.double())
     assert ours_values.dtype == torch.float32
-    torch.testing.assert_close(ours_values, ref_values.float(), atol=value_atol, rtol=1e-4)
-    torch.testing.assert_close(ours_grad.float(), ref_grad.float(), atol=grad_atol, rtol=1e-3)
+    torch.testing.assert_close(ours_values.double(), ref_values, atol=VALUE_ATOL, rtol=VALUE_RTOL)
+    torch.testing.assert_close(ours_grad.double(), ref_grad.double(), atol=GRAD_ATOL, rtol=GRAD_RTOL)
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def test_stop_grad_weights(kind):
     plain_values, plain_grad = value_and_grad(lambda s: divergence(s, teacher, kind, **kind_kwargs(kind)), student)
     stop_values, stop_grad = value_and_grad(
         lambda s: divergence(s, teacher, kind, stop_grad_weights=True, **kind_kwargs(kind)), student)
-    torch.testing.assert_close(stop_values, plain_values)
+    torch.testing.assert_close(stop_values, plain_values, atol=0, rtol=0)  # the same float32 arithmetic
     assert (stop_grad - plain_grad).abs().max() > 1e-3
 
 
@@ -179,8 +190,9 @@ def test_bf16_logits(kind):
     assert ours.dtype == torch.float32
     # float32 math on the bf16 values: as close to the reference as float32 inputs are
     reference = ref_divergence(student, ref_teacher_probs(teacher), kind, **kind_kwargs(kind))
-    torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
-    # and close to the float32 result before rounding the logits to bf16
+    torch.testing.assert_close(ours.double(), reference, atol=VALUE_ATOL, rtol=VALUE_RTOL)
+    # and close to the float32 result before rounding the logits to bf16; the gap is bf16's rounding of the
+    # teacher logits (2^-9 |z| <= 1.6e-2 for |z| <= 8), the same on every CPU, and 3x larger in a log-ratio
     full_precision = divergence(student_fp32, random_logits(13), kind, **kind_kwargs(kind))
     torch.testing.assert_close(ours, full_precision, atol=5e-2, rtol=5e-2)
     student.requires_grad_()
@@ -193,9 +205,11 @@ def test_chunk_size_does_not_change_the_result(kind):
     student, teacher = random_logits(26), random_logits(27)
     results = [value_and_grad(lambda s: divergence(s, teacher, kind, chunk_size=chunk_size, **kind_kwargs(kind)), student)
                for chunk_size in (1, 5, 21, 1000, None)]
+    # a chunk's shape may change the order of float32 sums over V, nothing else: each result is within the float32
+    # bound of the exact one, so two are within twice it
     for values, grad in results[1:]:
-        torch.testing.assert_close(values, results[0][0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, results[0][1], atol=1e-7, rtol=0)
+        torch.testing.assert_close(values, results[0][0], atol=2 * VALUE_ATOL, rtol=2 * VALUE_RTOL)
+        torch.testing.assert_close(grad, results[0][1], atol=2 * GRAD_ATOL, rtol=2 * GRAD_RTOL)
 
 
 @pytest.mark.parametrize("kind", ["fkl", "jsd", "topk_jsd"])
@@ -208,6 +222,24 @@ def test_teacher_with_masked_ids(kind):
         lambda s: ref_divergence(s, ref_teacher_probs(teacher), kind, **kind_kwargs(kind)),
         student,
     )
+
+
+def test_rkl_against_a_teacher_with_masked_ids_is_inf_without_gradient():
+    """KL(p_S || p_T) = +inf where p_T = 0 on an id where p_S > 0 (always: p_S is a softmax). Such a
+    position gets a clean +inf and gradient 0, the others their usual value and gradient."""
+    student, teacher = random_logits(30), random_logits(31)
+    teacher[0, :, ::3] = float("-inf")  # the first sequence's positions mask every third id
+    top_logprobs, top_ids = teacher_top(random_logits(31), num_top=8)
+    top_logprobs[0, :, -1] = float("-inf")  # a listed id with p_T = 0
+    for teacher_input in (teacher, (top_logprobs, top_ids)):
+        values, grad = value_and_grad(lambda s: divergence(s, teacher_input, "rkl", chunk_size=CHUNK), student)
+        assert torch.isposinf(values[0]).all() and torch.isfinite(values[1:]).all()
+        assert (grad[0] == 0).all() and torch.isfinite(grad).all()
+    rest_values, rest_grad = value_and_grad(lambda s: divergence(s, teacher[1:], "rkl"), student[1:])
+    ref_values, ref_grad = value_and_grad(lambda s: ref_divergence(s, ref_teacher_probs(teacher[1:]), "rkl"),
+                                          student[1:].double())
+    torch.testing.assert_close(rest_values.double(), ref_values, atol=VALUE_ATOL, rtol=VALUE_RTOL)
+    torch.testing.assert_close(rest_grad.double(), ref_grad, atol=GRAD_ATOL, rtol=GRAD_RTOL)
 
 
 # ---------------------------------------------------------------------------
@@ -235,6 +267,37 @@ def test_top_m_teacher_with_m_equal_vocab_is_full_teacher(kind):
         lambda s: divergence(s.float(), teacher, kind, **kind_kwargs(kind)).double(),
         student,
     )
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "topk_jsd"])
+def test_top_m_teacher_with_masked_ids(kind):
+    """A listed -inf log-prob is p_T = 0 there (0 log 0 = 0), as with full logits; the rest of the
+    leftover mass is spread over the unlisted ids as usual."""
+    student, teacher = random_logits(32), random_logits(33)
+    top_logprobs, top_ids = teacher_top(teacher, num_top=8)
+    top_logprobs[..., -3:] = float("-inf")  # the teacher masks its 6th-8th ids
+    assert_matches_reference(
+        lambda s: divergence(s, (top_logprobs, top_ids), kind, chunk_size=CHUNK, **kind_kwargs(kind)),
+        lambda s: ref_divergence(s, ref_teacher_from_top(top_logprobs, top_ids, V), kind, **kind_kwargs(kind)),
+        student,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_m_teacher_with_a_masked_id_is_the_full_teacher(kind):
+    """Issue 14's case: the teacher lists p_T = (1, 0) on ids 0, 1 of V = 4; fkl = log 4 either way."""
+    top = (torch.tensor([[0.0, -float("inf")]]), torch.tensor([[0, 1]]))
+    full = torch.tensor([[0.0, -float("inf"), -float("inf"), -float("inf")]])
+    kwargs = {"top_k": 2} if kind == "topk_jsd" else {}
+    top_values, top_grad = value_and_grad(lambda s: divergence(s, top, kind, **kwargs), torch.zeros(1, 4))
+    full_values, full_grad = value_and_grad(lambda s: divergence(s, full, kind, **kwargs), torch.zeros(1, 4))
+    if kind == "rkl":
+        assert torch.isposinf(top_values).all() and torch.isposinf(full_values).all()
+    else:  # the top path gives ids 2, 3 p_T = 5.9e-39 each (the clamped leftover): < 1e-36 on either
+        torch.testing.assert_close(top_values, full_values, atol=1e-36, rtol=EPS32)
+    torch.testing.assert_close(top_grad, full_grad, atol=1e-36, rtol=EPS32)
+    if kind == "fkl":
+        assert top_values.item() == pytest.approx(math.log(4), rel=EPS32)
 
 
 def test_top_m_teacher_whose_top_holds_all_mass_stays_finite():
@@ -292,7 +355,8 @@ def test_entropy():
     logits = random_logits(24)
     p = torch.softmax(logits.double() / 1.3, -1)
     reference = -(p * p.log()).sum(-1)
-    torch.testing.assert_close(entropy(logits, temperature=1.3, chunk_size=CHUNK), reference.float())
+    torch.testing.assert_close(entropy(logits, temperature=1.3, chunk_size=CHUNK).double(), reference,
+                               atol=VALUE_ATOL, rtol=VALUE_RTOL)
     assert not entropy(logits.requires_grad_()).requires_grad
 
 
@@ -322,10 +386,13 @@ def test_sampled_token_loss_at_ratio_one_is_policy_gradient():
     advantage = -(old_logprobs - teacher_logprobs).clamp(-10, 10)
     dlogp = torch.nn.functional.one_hot(token_ids, V) - torch.softmax(logits.detach(), -1)
     expected = -(mask * advantage / mask.sum()).unsqueeze(-1) * dlogp
-    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(loss, -(mask * advantage).sum() / mask.sum())
+    # elementwise: softmax as exp(z - logsumexp z) vs torch.softmax, <= 20 eps relative (see EPS32)
+    torch.testing.assert_close(grad, expected, atol=GRAD_ATOL, rtol=20 * EPS32)
+    torch.testing.assert_close(loss, -(mask * advantage).sum() / mask.sum(), atol=0, rtol=0)  # ratio exactly 1
     assert stats["clip_frac"] == 0.0
-    assert stats["log_ratio"] == pytest.approx(((old_logprobs - teacher_logprobs) * mask).sum().item() / mask.sum().item(), rel=1e-5)
+    # the same float32 sum; only the final division is float32 (<= eps / 2 off) in one and float64 in the other
+    log_ratio_sum = ((old_logprobs - teacher_logprobs) * mask).sum().item()
+    assert stats["log_ratio"] == pytest.approx(log_ratio_sum / mask.sum().item(), rel=2 * EPS32)
 
 
 def test_sampled_token_loss_clipping():
@@ -339,7 +406,7 @@ def test_sampled_token_loss_clipping():
     # tokens 0, 1: the ratio is out of range in the direction the advantage pushes -> no gradient;
     # tokens 2, 3: unclipped branch -> d(-r A / n)/d new = -r A / n
     expected = torch.tensor([[0.0, 0.0, -0.5 * 1.0 / 4, -1.5 * -1.0 / 4]])
-    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(grad, expected, atol=0, rtol=8 * EPS32)  # r = exp(log r): <= 3 eps, a 1-ulp exp included
     assert stats["clip_frac"] == pytest.approx(0.5)
 
 
@@ -370,3 +437,71 @@ def test_sampled_token_loss_ignores_masked_tokens():
     torch.testing.assert_close(loss2, loss)
     torch.testing.assert_close(grad2, grad)
     assert stats2 == stats
+
+
+# ---------------------------------------------------------------------------
+# dual-clip PPO
+
+def ref_surrogate(ratio, advantage, clip_eps=0.2, dual_clip=0.0):
+    """One token, by hand: max(-A r, -A clip(r, 1-eps, 1+eps)); for A < 0 and c > 0, at most -A c."""
+    loss = max(-advantage * ratio, -advantage * min(max(ratio, 1 - clip_eps), 1 + clip_eps))
+    return min(loss, -advantage * dual_clip) if dual_clip and advantage < 0 else loss
+
+
+def surrogate_and_grad(ratios, advantages, **kwargs):
+    """clipped_surrogate per token and its gradient w.r.t. log r (new log-probs with old ones at 0)."""
+    log_ratio = torch.tensor(ratios, dtype=torch.float64).log().float().requires_grad_()
+    per_token, clip_active = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), torch.tensor(advantages), 0.2,
+                                               **kwargs)
+    (grad,) = torch.autograd.grad(per_token.sum(), log_ratio)
+    return per_token.detach(), grad, clip_active
+
+
+RATIOS = [0.3, 0.9, 1.1, 2.0, 2.9, 3.5, 8.0]
+ADVANTAGES = [-2.0, -0.5, 0.0, 0.7, 1.5]
+GRID = [(r, a) for r in RATIOS for a in ADVANTAGES]
+
+
+def test_dual_clip_matches_a_hand_written_reference():
+    ratios, advantages = zip(*GRID)
+    values, grad, clip_active = surrogate_and_grad(ratios, advantages, dual_clip=3.0)
+    dual_clipped = lambda r, a: ref_surrogate(r, a, clip_eps=0.2, dual_clip=3.0)  # noqa: E731
+    expected = [dual_clipped(r, a) for r, a in GRID]
+    h = 1e-6  # d/d log r by central differences of the float64 reference
+    expected_grad = [(dual_clipped(r * math.exp(h), a) - dual_clipped(r * math.exp(-h), a)) / (2 * h) for r, a in GRID]
+    # float32 r = exp(log r) and a product: <= 3 eps relative; the differences add h^2 / 6 and 1e-16 |L| / h < 1e-8
+    torch.testing.assert_close(values.double(), torch.tensor(expected, dtype=torch.float64), atol=0, rtol=8 * EPS32)
+    torch.testing.assert_close(grad.double(), torch.tensor(expected_grad, dtype=torch.float64), atol=1e-8,
+                               rtol=8 * EPS32)
+    assert clip_active.tolist() == [float(g == 0 and a != 0) for g, (r, a) in zip(expected_grad, GRID)]
+
+
+def test_dual_clip_off_or_below_c_is_the_plain_surrogate():
+    ratios, advantages = zip(*GRID)
+    plain = surrogate_and_grad(ratios, advantages)
+    for result in (surrogate_and_grad(ratios, advantages, dual_clip=0.0),  # off
+                   surrogate_and_grad(ratios, advantages, dual_clip=10.0)):  # every ratio below c
+        for ours, reference in zip(result, plain):
+            assert torch.equal(ours, reference)
+
+
+def test_dual_clip_caps_a_negative_advantage_token_with_a_large_ratio():
+    # A = -1, r = 5: plain loss -A r = 5 with gradient -A r = 5; dual-clipped: -A c = 3, no gradient
+    plain_value, plain_grad, _ = surrogate_and_grad([5.0, 5.0], [-1.0, 1.0])
+    value, grad, clip_active = surrogate_and_grad([5.0, 5.0], [-1.0, 1.0], dual_clip=3.0)
+    assert plain_value[0].item() == pytest.approx(5.0, rel=8 * EPS32)  # r = exp(log 5) in float32
+    assert plain_grad[0].item() == pytest.approx(5.0, rel=8 * EPS32)
+    assert value[0].item() == 3.0 and grad[0].item() == 0.0 and clip_active[0].item() == 1.0
+    assert value[1] == plain_value[1] and grad[1] == plain_grad[1]  # A > 0: unchanged (-A (1 + eps), clipped)
+    # through sampled_token_loss: A = -clamp(log pi_old - log pi_T) = -1 and +1, mean over the two tokens
+    old = torch.zeros(1, 2)
+    loss, stats = sampled_token_loss(torch.full((1, 2), math.log(5.0)), old, torch.tensor([[-1.0, 1.0]]),
+                                     torch.ones(1, 2), dual_clip=3.0)
+    assert loss.item() == pytest.approx((3.0 - 1.2) / 2, rel=8 * EPS32) and stats["clip_frac"] == 1.0
+
+
+@pytest.mark.parametrize("dual_clip", [0.5, 1.0, -3.0])
+def test_dual_clip_must_exceed_one(dual_clip):
+    old = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="dual_clip must be 0 .off. or > 1"):
+        sampled_token_loss(old.clone(), old, old, torch.ones(1, 2), dual_clip=dual_clip)

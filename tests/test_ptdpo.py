@@ -1,16 +1,34 @@
 """PTD-PO: GRPO group advantages, the gate, the loss's terms, and the tutoring hint."""
+import math
+import warnings
+
 import pytest
 import torch
 
 from data import eval_world, make_world
 from distill import divergence, group_advantages, hint_text, ptd_gate, ptdpo_loss, states
 
+EPS32 = torch.finfo(torch.float32).eps  # 1.2e-7
+
 
 def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])      # two groups of four
-    # group 1: mean 0.5, std (unbiased) sqrt(1/3) -> +-0.5 / 0.57735 = +-0.8660; group 2: one reward -> 0
-    expected = torch.tensor([0.8660, -0.8660, -0.8660, 0.8660, 0, 0, 0, 0])
-    assert torch.allclose(group_advantages(rewards, 4), expected, atol=1e-3)
+    # group 1: mean 0.5, std (unbiased) sqrt(1/3) -> +-0.5 / (0.57735 + 1e-6) = +-0.8660; group 2: one reward -> 0
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    expected = torch.tensor([a, -a, -a, a, 0, 0, 0, 0])
+    # a mean, a square root and a division over 4 exact rewards: a few eps
+    torch.testing.assert_close(group_advantages(rewards, 4), expected, atol=0, rtol=8 * EPS32)
+
+
+def test_group_advantages_of_one_reward_or_equal_rewards_are_zero():
+    """std of one reward is NaN (and a warning), and the float32 mean of equal fractional rewards need not
+    be that reward."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert group_advantages(torch.tensor([1.0, 0.0, 0.5]), 1).tolist() == [0.0, 0.0, 0.0]
+    fractional = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    for group_size in (3, 7):
+        assert (group_advantages(fractional.repeat_interleave(group_size), group_size) == 0).all()
 
 
 def test_the_gate_tutors_failed_rollouts_of_groups_below_tau():
@@ -50,6 +68,7 @@ def test_ptd_coef_zero_is_plain_grpo():
     reference_logits = student_logits.detach().clone().requires_grad_()
     log_pi = torch.log_softmax(reference_logits, -1).gather(-1, tokens[:, None])[:, 0]
     (-(advantages * log_pi).mean()).backward()
+    # ratio exactly 1: the same float32 mean of -A; gradients (|A| / N) (onehot - p), a few eps of <= 0.3
     assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-6)
     assert torch.allclose(student_logits.grad, reference_logits.grad, atol=1e-6)
 
@@ -62,6 +81,7 @@ def test_the_tutoring_term_touches_only_tutored_rollouts():
     touched = student_logits.grad.abs().sum(-1) > 0
     assert touched.tolist() == tutored.tolist()
     expected = divergence(student_logits[tutored].detach(), tutor[tutored], "topk_jsd", top_k=3).sum() / len(tokens)
+    # the same 6 JSDs (>= 0) summed in another order: <= 6 eps relative
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert stats["ptd_jsd"] == pytest.approx((expected * len(tokens) / tutored.sum()).item(), rel=1e-5)
 
@@ -72,7 +92,7 @@ def test_the_reference_kl_skips_gated_groups():
     loss, _ = loss_of(student_logits, tokens, old, ref, tutor, zero, gated, tutored, ptd_coef=0.0, kl_coef=1.0)
     q = ref - old                                                          # log pi_ref - log pi_theta
     expected = torch.where(gated, 0, q.exp() - q - 1).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)  # the same float32 arithmetic, one sum of 12
 
 
 def test_tutoring_hints_never_state_the_answer():
@@ -87,15 +107,47 @@ def test_tutoring_hints_never_state_the_answer():
 def test_stopping_the_gradient_through_the_weights_leaves_no_gradient():
     """Why --ptd_stop_grad is off by default: with sg(p_S) as the weights of KL(p_S || M), the
     JSD's gradient is -(1-beta) grad sum_v p_S = 0 for distributions (or buckets) that sum to one."""
-    logits = torch.randn(5, 9, requires_grad=True)
-    teacher = torch.randn(5, 9)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 9, generator=generator, requires_grad=True)
+    teacher = torch.randn(5, 9, generator=generator)
     for kind, top_k in (("jsd", None), ("topk_jsd", 3)):
         logits.grad = None
         divergence(logits, teacher, kind, top_k=top_k, stop_grad_weights=True).sum().backward()
-        assert logits.grad.abs().max() < 1e-6
+        # exactly 0; float32 leaves the rounding of sums of 9 terms of size <= 1 / (1 - beta) = 2: <= 18 eps
+        assert logits.grad.abs().max() < 18 * EPS32
         logits.grad = None
         divergence(logits, teacher, kind, top_k=top_k).sum().backward()
         assert logits.grad.abs().max() > 1e-3
+
+
+def test_dual_clip_bounds_negative_advantage_tokens_in_ptdpo_loss():
+    """With dual_clip = c, a token with A < 0 costs at most -c A; off, or with every ratio below c, nothing
+    changes. By hand: the mean over tokens of max(-A r, -A clip(r)), capped at -A c when A < 0."""
+    ratios = torch.tensor([0.5, 1.1, 2.0, 5.0, 5.0, 8.0])
+    advantages = torch.tensor([-1.0, 0.5, -0.3, -2.0, 1.0, -0.4])
+    new = torch.zeros(6, requires_grad=True)
+    old = -ratios.log()                                                    # r = exp(new - old)
+    none = torch.zeros(6, dtype=torch.bool)
+    student_logits = torch.zeros(6, 3)
+
+    def loss(**kwargs):
+        return ptdpo_loss(new, old, new.detach(), advantages, none, none, student_logits, None, ptd_coef=0.0,
+                          **kwargs)
+
+    plain, plain_stats = loss()
+    clipped = torch.minimum(torch.maximum(ratios, torch.tensor(0.8)), torch.tensor(1.2))
+    by_hand = torch.maximum(-advantages * ratios, -advantages * clipped)
+    capped = torch.where(advantages < 0, torch.minimum(by_hand, -advantages * 3.0), by_hand)
+    assert torch.equal(loss(dual_clip=0.0)[0], plain) and torch.equal(loss(dual_clip=10.0)[0], plain)
+    dual, dual_stats = loss(dual_clip=3.0)
+    # float32 r = exp(-log r) then a product and a mean of 6: <= 10 eps relative
+    assert plain.item() == pytest.approx(by_hand.mean().item(), rel=10 * EPS32)
+    assert dual.item() == pytest.approx(capped.mean().item(), rel=10 * EPS32)
+    # tokens 3 and 5 drop from 10 to 6 and from 3.2 to 1.2 (1e-6: float32's 0.4)
+    assert (by_hand - capped).tolist() == pytest.approx([0, 0, 0, 4, 0, 2], abs=1e-6)
+    assert dual_stats["clip_frac"] == pytest.approx(plain_stats["clip_frac"] + 2 / 6)
+    with pytest.raises(ValueError, match="dual_clip"):
+        loss(dual_clip=1.0)
 
 
 @pytest.mark.parametrize("answer, cue, rationale", [
