@@ -607,9 +607,10 @@ def run_summary(run):
     log = os.path.join(run, "log.jsonl")
     steps = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
     steps = [r for r in steps if "loss" in r]
-    for name in ("privilege_gap", "hint_leakage"):
-        if steps and name in steps[0]:
-            summary[name] = sum(r[name] for r in steps) / len(steps)
+    for name in ("privilege_gap", "hint_leakage"):  # PTD-PO logs the gap only in steps that tutored
+        values = [r[name] for r in steps if name in r]
+        if values:
+            summary[name] = sum(values) / len(values)
     return summary
 
 
@@ -760,7 +761,42 @@ def tables_main(args, train_flags):
     print(text + f"\nwrote {folder}/tables.md and curves_{{{','.join(FIGURES)}}}.png")
 
 
+EVALUATE_FLAGS = {  # flag: what it does (python evaluate.py --help prints these)
+    "ckpt": "DIR|MODEL_ID: the model to evaluate (a checkpoint folder or a transformers id); required",
+    "data": "FILE.jsonl: evaluate on these samples (data.py format) instead of the embedded world",
+    "benchmarks": "FOLDER: the paper's benchmark files (VLMEvalKit TSVs), see BENCHMARKS",
+    "only": "NAME,...: with --benchmarks, only these benchmarks",
+    "limit": "N: with --benchmarks, the first N samples of each",
+    "paper_settings": "true|false: the paper's sampling, prompt and image size (default false: greedy)",
+    "num_eval": "N: embedded world: this many evaluation samples (default 350)",
+    "seed": "S: the embedded world's seed and the sampling seed (default 0)",
+    "batch_size": "B: prompts per batch (default 64)",
+    "max_new_tokens": "T: longest answer (default 96; the paper's setting with --paper_settings)",
+    "out": "FILE.json: where to write the results (default CKPT/eval.json; predictions beside it)",
+    "heatmaps": "N: draw the sink's attention over N images per family (a ViCuR checkpoint)",
+    "device": "D: cpu or cuda (default cpu)",
+    "dtype": "float32|bfloat16 (default float32)"}
+TABLES_FLAGS = {
+    "tables": "FOLDER: run every row x seed of the paper's tables through train.py and write FOLDER/tables.md",
+    "seeds": "0,1,2: the seeds (default 0,1,2)",
+    "jobs": "N: runs at a time (default 2)",
+    "init_from": "SFT_CKPT: the start of every row (default: train one with the default run's recipe)",
+    "teacher": "CKPT: OPD's stronger teacher (default: train tiny-large)",
+    "rows": "NAME,...: only these rows",
+    "(any train.py flag)": "--key=value is passed to every run"}
+
+
+def evaluate_help():
+    flags = lambda table: "\n".join(f"  --{name:<20} {text}" for name, text in table.items())  # noqa: E731
+    return ("usage: python evaluate.py --ckpt=DIR|MODEL_ID [flags]     score a model\n"
+            "   or: python evaluate.py --tables=FOLDER [flags]         the paper's tables on the embedded world\n\n"
+            f"scoring a model:\n{flags(EVALUATE_FLAGS)}\n\nthe tables:\n{flags(TABLES_FLAGS)}")
+
+
 def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(evaluate_help())
+        raise SystemExit(0)
     import cue_recovery               # evaluate.py as a script; the library part needs no model loading
     from model import load_model
     args = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
@@ -768,14 +804,8 @@ def main(argv):
         own = {"tables", "seeds", "jobs", "init_from", "teacher", "rows"}
         return tables_main({k: v for k, v in args.items() if k in own},
                            [a for a in argv if a[2:].split("=", 1)[0] not in own])
-    known = {"ckpt", "data", "benchmarks", "only", "limit", "paper_settings", "num_eval", "seed", "batch_size",
-             "max_new_tokens", "out", "heatmaps", "device", "dtype"}
-    if "ckpt" not in args or set(args) - known or len(args) != len(argv):
-        sys.exit(f"usage: python evaluate.py --ckpt=DIR|MODEL_ID [--data=FILE.jsonl | --benchmarks=FOLDER "
-                 f"[--only=NAME,...] [--limit=N]] [--paper_settings=true] [--num_eval=N] [--seed=S] "
-                 f"[--batch_size=B] [--max_new_tokens=T] [--out=FILE.json] [--heatmaps=N] [--device=D] "
-                 f"[--dtype=float32|bfloat16]\n   or: python evaluate.py --tables=FOLDER [--seeds=0,1,2] [--jobs=2] "
-                 f"[--init_from=SFT_CKPT] [--teacher=CKPT] [--rows=NAME,...] [train.py flags]; got {argv}")
+    if "ckpt" not in args or set(args) - set(EVALUATE_FLAGS) or len(args) != len(argv):
+        sys.exit(f"{evaluate_help()}\n\nerror: got {argv}")
     paper = {"true": True, "1": True, "false": False, "0": False}.get(args.get("paper_settings", "false").lower())
     if paper is None:
         sys.exit(f"--paper_settings expects true or false, got '{args['paper_settings']}'")

@@ -13,6 +13,7 @@ eval.json and report.md. A distillation mode started from a tiny (random) studen
 import copy
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from rollout import sample
 
 @dataclass
 class Config:
+    # the run: what trains, on what data, into which folder
     mode: str = "vicur"              # sft | opd (stronger teacher) | opsd (self teacher + answer hint)
                                      # | vicur (self teacher + cue hint, student with the cue recovery module)
                                      # | ptdpo (GRPO + privileged tutoring of failed rollouts)
@@ -51,22 +53,23 @@ class Config:
     skip_bad: bool = False           # skip and count bad JSONL lines instead of stopping
     num_train: int = 8000            # embedded world: training samples (in-domain families)
     num_eval: int = 350              # embedded world: evaluation samples (all seven families)
-    out_dir: str = "out/default"
-    max_steps: int = 2400
+    out_dir: str = "out/default"     # config.json, log.jsonl, ckpt/, eval.json and report.md go here
+    # optimisation
+    max_steps: int = 2400            # optimizer steps
     batch_size: int = 16             # per rank, per micro-step
-    grad_accum: int = 1
-    lr: float = 1e-3
+    grad_accum: int = 1              # micro-steps per optimizer step
+    lr: float = 1e-3                 # peak learning rate (AdamW, betas 0.9 / 0.95)
     min_lr_ratio: float = 0.1        # cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
+    warmup_steps: int = 50           # linear warm-up from lr / warmup_steps
+    weight_decay: float = 0.01       # AdamW's decoupled weight decay
+    grad_clip: float = 1.0           # clip the global gradient norm to this
+    seed: int = 0                    # the world, the data order, the rollouts' generators
     eval_every: int = 0              # 0: evaluate only at the end
-    save_every: int = 500
+    save_every: int = 500            # steps between checkpoints (and one at the end)
     resume: bool = False             # continue from out_dir/ckpt
     max_length: int = 512            # longest prompt + completion, in tokens
     max_new_tokens: int = 96         # evaluation and rollouts
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64        # prompts per batch in evaluation
     # on-policy distillation
     teacher: str = "self"            # 'self' (a frozen copy of the starting student) or a model name / checkpoint
     privilege: str = ""              # none | answer | rationale | cues | cues+crops; empty = the mode's default
@@ -76,7 +79,9 @@ class Config:
     num_rollouts: int = 1            # completions per prompt
     temperature: float = 1.0         # sampling temperature of the rollouts
     ppo_epochs: int = 1              # updates per batch of rollouts (ratio = 1 on the first)
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2            # PPO's clip: the ratio is kept in [1 - clip_eps, 1 + clip_eps]
+    dual_clip: float = 0.0           # dual-clip PPO: bound a negative-advantage token's loss by -c A (verl and
+                                     # PTD-PO use c = 3); 0 = off
     # ViCuR: the student's sink-token cue recovery module (cue_recovery.py)
     cue_recovery: bool = True        # vicur mode: attach it (false = the cue hint without the module)
     sink_every: int = 0              # a module after every sink_every-th layer; 0 = 5 on >= 10 layers, else 1
@@ -90,13 +95,14 @@ class Config:
     ptd_stop_grad: bool = False      # no gradient through p_S where it weights KL(p_S || M): then the
                                      # JSD's gradient is identically 0 (see distill.divergence), so off
     # the SFT stage before distilling a tiny (random) student without --init_from
-    sft_steps: int = 1600
+    sft_steps: int = 1600            # steps of that SFT stage
     # SFT: the share of samples shown with privileged context, and of scene descriptions
-    sft_cue_frac: float = 0.4
-    sft_answer_frac: float = 0.1
-    sft_describe_frac: float = 0.2
+    sft_cue_frac: float = 0.4        # with the cue hint in the prompt
+    sft_answer_frac: float = 0.1     # with the answer hint in the prompt
+    sft_describe_frac: float = 0.2   # a scene description instead of a question
+    # hardware and memory
     dry_run: bool = False            # print the per-GPU memory plan and stop (no weights are loaded)
-    device: str = "cpu"
+    device: str = "cpu"              # cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)
     threads: int = 0                 # CPU threads per rank; 0 = all cores shared among the ranks
     dtype: str = "float32"           # float32 or bfloat16 (weights; the optimizer keeps float32 master weights)
     shard_optimizer: bool = False    # split the optimizer's state (master weights, moments) across ranks
@@ -126,12 +132,39 @@ SFT_NEUTRAL = {"resume", "device", "threads", "num_eval", "eval_batch_size", "ev
                "max_new_tokens", "eval_data", "skip_bad", "shard_optimizer", "grad_ckpt"}
 # the fields that only distillation reads: reset to their defaults for the SFT stage
 DISTILL_FIELDS = ["teacher", "privilege", "loss", "beta", "top_k", "num_rollouts", "temperature", "ppo_epochs",
-                  "clip_eps", "cue_recovery", "sink_every", "cue_init", "kl_coef", "ptd_coef", "ptd_tau",
+                  "clip_eps", "dual_clip", "cue_recovery", "sink_every", "cue_init", "kl_coef", "ptd_coef", "ptd_tau",
                   "ptd_all_rollouts", "ptd_entropy_coef", "ptd_stop_grad", "sft_steps"]
+
+
+def config_help():
+    """--help: every Config field with its type, default and the comment beside it in the dataclass,
+    under the dataclass's own group comments, then the presets."""
+    lines = ["usage: python train.py [--key=value ...]   (torchrun --nproc_per_node=N train.py ... for data parallel)",
+             "", "Every Config field of train.py, as --key=value (a bool flag alone means true):", ""]
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(Config)}
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        code, _, comment = line.partition("#")
+        if ":" in code and code.split(":")[0].strip() in types:
+            name = code.split(":")[0].strip()
+            default = repr(getattr(Config, name))
+            lines.append(f"  --{name}={default}".ljust(34) + f" {types[name]:<6} {comment.strip()}")
+        elif comment and not code.strip() and line.startswith("    #"):
+            lines.append(f"\n {comment.strip()}")                       # a group comment of the dataclass
+        elif comment:
+            lines.append(" " * 42 + comment.strip())                     # a comment's continuation
+    lines += ["", "Presets (--preset=NAME applies these before the command line):"]
+    lines += [f"  {name}: {' '.join(f'--{k}={v}' for k, v in overrides.items())}" for name, overrides in PRESETS.items()]
+    lines += ["", f"A distillation mode ({', '.join(DISTILL_MODES)}) sets, unless given: "
+              + " ".join(f"--{k}={v}" for k, v in DISTILL_DEFAULTS.items()) + "; ptdpo also "
+              + " ".join(f"--{k}={v}" for k, v in PTDPO_DEFAULTS.items()) + "."]
+    return "\n".join(lines)
 
 
 def parse_args(argv):
     """--key=value overrides of Config, types checked; --preset=NAME applies a dict of overrides first."""
+    if "--help" in argv or "-h" in argv:
+        print(config_help())
+        raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     overrides = {}
     for arg in argv:
@@ -181,6 +214,27 @@ def init_distributed(config):
         config.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(config.device)
     return dist.get_rank(), dist.get_world_size()
+
+
+def add_metric(metrics, name, mean, weight):
+    """Accumulate a weighted mean: metrics[name] = [sum of mean * weight, sum of weight]."""
+    total = metrics.setdefault(name, [0.0, 0.0])
+    total[0] += mean * weight
+    total[1] += weight
+
+
+def reduce_metrics(metrics, names, world_size):
+    """The step's weighted means over all ranks, in one all_reduce of a (len(names), 2) tensor. `names`
+    is fixed by the mode, so every rank makes the same call whatever its data held: a metric this rank
+    has no value for (no boxes in its rows, no tutored group) is sent as weight 0, never skipped. A
+    metric with weight 0 on every rank is left out."""
+    assert set(metrics) <= set(names), f"metrics {sorted(set(metrics) - set(names))} are not in the mode's names"
+    sums = torch.tensor([metrics.get(name, [0.0, 0.0]) for name in names], dtype=torch.float64)  # (M, 2)
+    if world_size > 1:
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    return {name: total / weight for name, (total, weight) in zip(names, sums.tolist()) if weight > 0}
 
 
 def all_reduce_mean(value, world_size):
@@ -402,13 +456,14 @@ def sft_step(model, processor, samples, step, rank, world_size, config, times):
         tokens = sum(int(b["completion_mask"][:, 1:].sum()) for b in batches)
     with timed(times, "communication"):
         total = all_reduce_mean(float(tokens), world_size) * world_size    # N, over all ranks
-    metrics = {"loss": 0.0, "token_acc": 0.0}
+    metrics = {}
     for batch in batches:
         with timed(times, "student"):
             loss_sum, correct = sft_loss(model, batch)
             (loss_sum * world_size / total).backward()
-        metrics["loss"] += loss_sum.item() * world_size / total        # the ranks' mean of these is L
-        metrics["token_acc"] += correct * world_size / total
+        count = int(batch["completion_mask"][:, 1:].sum())
+        add_metric(metrics, "loss", loss_sum.item() / max(count, 1), count)   # over all ranks: L
+        add_metric(metrics, "token_acc", correct / max(count, 1), count)
     return metrics
 
 
@@ -487,6 +542,41 @@ def score_with_teacher(teacher, processor, rows, rollout, completions, privilege
     return scored, None, gap
 
 
+def step_metric_names(config, has_module):
+    """The metrics a step of this mode logs: one fixed list, the same on every rank (reduce_metrics)."""
+    if config.mode == "sft":
+        return ["loss", "token_acc"]
+    names = ["loss", "log_ratio", "clip_frac", "student_entropy", "teacher_entropy", "privilege_gap",
+             "rollout_length", "reward", "hint_leakage"]
+    if config.mode == "ptdpo":
+        names += ["kl_ref", "ptd_jsd", "tutored_tokens", "failed_share", "gated_share"]
+    return names + (["cue_recall"] if has_module else [])
+
+
+def add_step_metrics(metrics, loss, stats, student_logits, teacher_logits, gap, rows, rollout, tutoring, privilege,
+                     recall):
+    """One micro-batch's statistics: token means weighted by its completion tokens, rollout means by
+    its rollouts, the tutored-token means (PTD-PO) by its tutored tokens, cue recall by its rows with
+    boxes (weight 0 when there are none)."""
+    tokens, count = len(student_logits), len(rows)
+    tutored = int(tutoring["tutored"].sum()) if tutoring is not None else 0
+    for name, value in [("loss", loss.item()), *stats.items()]:
+        add_metric(metrics, name, value, tutored if name == "ptd_jsd" else tokens)
+    add_metric(metrics, "student_entropy", entropy(student_logits.detach()).mean().item(), tokens)
+    add_metric(metrics, "teacher_entropy", entropy(teacher_logits).mean().item(), tokens)
+    add_metric(metrics, "privilege_gap", gap, tutored if tutoring is not None else tokens)
+    add_metric(metrics, "rollout_length", rollout.lengths.float().mean().item(), count)
+    rewards = tutoring["rewards"].tolist() if tutoring is not None else \
+        [score_sample(text, row) for text, row in zip(rollout.texts, rows)]
+    add_metric(metrics, "reward", sum(rewards) / count, count)
+    add_metric(metrics, "hint_leakage", hint_leakage(rows, rollout.texts, privilege), count)
+    if recall is not None:
+        add_metric(metrics, "cue_recall", recall, sum(bool(row.boxes) for row in rows))
+    if tutoring is not None:
+        add_metric(metrics, "failed_share", 1 - tutoring["rewards"].mean().item(), count)
+        add_metric(metrics, "gated_share", tutoring["gated"].float().mean().item(), count)
+
+
 def distill_step(student, teacher, optimizer, processor, samples, step, rank, world_size, config, times):
     """One optimizer step of on-policy distillation (the student samples, the teacher scores the same
     tokens under its own context, the student moves toward it token by token); returns the metrics.
@@ -501,9 +591,6 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
     with timed(times, "communication"):
         total = all_reduce_mean(float(sum(int(r.completion_mask.sum()) for _, r, _ in drawn)), world_size) * world_size
     metrics = {}
-    def add(name, value, weight):
-        metrics[name] = metrics.get(name, 0.0) + value * weight
-
     for epoch in range(config.ppo_epochs):             # later epochs score again: the teacher is frozen
         for rows, rollout, completions in drawn:
             with timed(times, "teacher"):
@@ -524,37 +611,22 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                 if tutoring is None:
                     loss, stats = distill_loss(student_logits, tokens, old_logprobs, scored, config.loss,
                                                beta=config.beta, top_k=config.top_k, temperature=config.temperature,
-                                               clip_eps=config.clip_eps)
+                                               clip_eps=config.clip_eps, dual_clip=config.dual_clip)
                 else:
                     ref_logprobs = token_logprobs(scored, tokens, config.temperature)
                     loss, stats = ptdpo_loss(
                         token_logprobs(student_logits, tokens, config.temperature), old_logprobs,
                         ref_logprobs, tutoring["advantages"],
                         tutoring["gated"], tutoring["tutored"], student_logits, tutoring["tutor_logits"],
-                        clip_eps=config.clip_eps, kl_coef=config.kl_coef, ptd_coef=config.ptd_coef,
-                        top_k=config.top_k, beta=config.beta, stop_grad_weights=config.ptd_stop_grad,
+                        clip_eps=config.clip_eps, dual_clip=config.dual_clip, kl_coef=config.kl_coef,
+                        ptd_coef=config.ptd_coef, top_k=config.top_k, beta=config.beta, stop_grad_weights=config.ptd_stop_grad,
                         entropy_coef=config.ptd_entropy_coef, temperature=config.temperature)
                     stats["log_ratio"] = (old_logprobs - ref_logprobs).mean().item()
-                per_token = len(tokens) * world_size / total     # token-mean stats: their share of N
-                (loss * per_token).backward()
+                share = len(tokens) * world_size / total          # its share of N, times the ranks' average
+                (loss * share).backward()
             if epoch == 0:
-                per_row = 1 / config.grad_accum                 # per-rollout stats: every micro-batch has as many
-                add("loss", loss.item(), per_token)
-                for name, value in stats.items():
-                    add(name, value, per_token)
-                add("student_entropy", entropy(student_logits.detach()).mean().item(), per_token)
-                add("teacher_entropy", entropy(scored).mean().item(), per_token)
-                add("privilege_gap", gap, per_token)
-                add("rollout_length", rollout.lengths.float().mean().item(), per_row)
-                rewards = tutoring["rewards"].tolist() if tutoring is not None else \
-                    [score_sample(text, row) for text, row in zip(rollout.texts, rows)]
-                add("reward", sum(rewards) / len(rows), per_row)
-                add("hint_leakage", hint_leakage(rows, rollout.texts, privilege), per_row)
-                if module is not None and recall is not None:
-                    add("cue_recall", recall, per_row)
-                if tutoring is not None:
-                    add("failed_share", 1 - tutoring["rewards"].mean().item(), per_row)
-                    add("gated_share", tutoring["gated"].float().mean().item(), per_row)
+                add_step_metrics(metrics, loss, stats, student_logits, scored, gap, rows, rollout, tutoring,
+                                 privilege, recall if module is not None else None)
             del scored, tutoring, student_logits, loss
         if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
             optimizer_step(optimizer, config, times)
@@ -587,9 +659,8 @@ def save_checkpoint(model, processor, optimizer, step, config, rank=0, world_siz
     model.save_pretrained(tmp)
     cue_recovery.save(model, tmp)  # the sink module's weights and layers, when the model has one
     processor.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(config),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
-               os.path.join(tmp, "train_state.pt"))
+    torch.save({"format": TRAIN_STATE_FORMAT, "optimizer": optimizer_state, "step": step,
+                "config": dataclasses.asdict(config), "rng": rng_states()}, os.path.join(tmp, "train_state.pt"))
     old = final + ".old"
     if os.path.exists(final):
         os.replace(final, old)
@@ -609,14 +680,52 @@ def check_ranks_agree(model, step, world_size):
         raise RuntimeError(f"ranks disagree before saving: (step, weight checksum) per rank = {views}")
 
 
+# train_state.pt holds only tensors, lists, dicts, numbers and strings, so that it loads with
+# weights_only=True: a checkpoint someone shares cannot run code when it is read
+TRAIN_STATE_FORMAT = 2
+
+
+def rng_states():
+    """The Python, numpy and torch RNG states in plain types (no numpy arrays, no pickled objects)."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {"python": [version, list(python_state), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_states(states):
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(states["torch"])
+
+
+def read_train_state(path, mmap=False):
+    """A checkpoint's train_state.pt, loaded with weights_only=True; a file that is not one of ours
+    (an older format, a pickle of other objects, a damaged file) is a clear error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError, by the damage
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: {path} cannot be loaded safely (weights_only=True): {reason}\n"
+                         f"  it is from an older vicur (before format {TRAIN_STATE_FORMAT}) or not a vicur "
+                         f"checkpoint; its weights still load: start a new run with --init_from="
+                         f"{os.path.dirname(path)}") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        found = state.get("format", "none") if isinstance(state, dict) else type(state).__name__
+        raise SystemExit(f"error: {path} has train-state format {found}, this vicur reads format "
+                         f"{TRAIN_STATE_FORMAT}; start a new run with --init_from={os.path.dirname(path)}")
+    return state
+
+
 def load_train_state(config, optimizer):
     # memory-mapped: each rank reads only its own shard of the optimizer state
     path = os.path.join(config.out_dir, "ckpt", "train_state.pt")
-    state = torch.load(path, weights_only=False, mmap=True)
+    state = read_train_state(path, mmap=True)
     optimizer.load_state_dict(state["optimizer"], where=path)
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    set_rng_states(state["rng"])
     return state["step"]
 
 
@@ -654,7 +763,7 @@ def saved_run(ckpt):
     path = os.path.join(ckpt, "train_state.pt")
     if not os.path.isfile(path):
         return None, None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_train_state(path)
     return state["step"], state["config"]
 
 
@@ -731,14 +840,13 @@ def main(argv):
         dist.destroy_process_group()
 
 
-def train(config, rank, world_size):
-    """One run of one mode: load, (distill from a teacher or SFT), save, evaluate, report."""
+def setup(config, rank, world_size):
+    """Seeds, threads, and the run's parts: (source, model, processor, teacher or None, optimizer,
+    training samples, evaluation samples, the step to start from)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
-    start_time = time.time()
-
     resume_dir = os.path.join(config.out_dir, "ckpt")
     if config.resume and not os.path.isdir(resume_dir) and os.path.isdir(resume_dir + ".old"):
         os.replace(resume_dir + ".old", resume_dir)  # killed between save_checkpoint's two renames
@@ -757,6 +865,13 @@ def train(config, rank, world_size):
     optimizer = FlatAdamW(model.parameters(), config.lr, config.weight_decay, (0.9, 0.95), rank, world_size,
                           shard=config.shard_optimizer)
     step = load_train_state(config, optimizer) if config.resume else 0
+    return source, model, processor, teacher, optimizer, samples, eval_samples, step
+
+
+def train(config, rank, world_size):
+    """One run of one mode: load, (distill from a teacher or SFT), save, evaluate, report."""
+    start_time = time.time()
+    source, model, processor, teacher, optimizer, samples, eval_samples, step = setup(config, rank, world_size)
 
     if rank == 0:
         os.makedirs(config.out_dir, exist_ok=True)
@@ -784,6 +899,7 @@ def train(config, rank, world_size):
             with open(os.path.join(config.out_dir, "eval_before.json"), "w") as f:
                 json.dump(strip_records(before[STUDENT]), f, indent=2)
 
+    metric_names = step_metric_names(config, has_module=cue_recovery.get(model) is not None)
     model.train()
     progress = tqdm(range(step, config.max_steps), initial=step, total=config.max_steps, disable=rank != 0,
                     desc=config.mode)
@@ -796,7 +912,7 @@ def train(config, rank, world_size):
         else:
             metrics = distill_step(model, teacher, optimizer, processor, samples, step, rank, world_size, config, times)
         grad_norm = optimizer_step(optimizer, config, times)
-        metrics = {k: all_reduce_mean(v, world_size) for k, v in metrics.items()}
+        metrics = reduce_metrics(metrics, metric_names, world_size)
         if rank == 0:
             record = {"step": step + 1, **metrics, "grad_norm": grad_norm, "lr": learning_rate(step, config),
                       "step_time": time.time() - step_start, **{f"time_{k}": v for k, v in times.items()}}
