@@ -3,8 +3,10 @@
 Our own loop (prefill once, then one token per step through transformers' DynamicCache),
 so the log-probs of the sampled tokens come out of the same forward that chose them:
     logprob_t = log softmax(logits_t / temperature)[y_t]
-(the tempered model distribution, before top-k / top-p truncation, which is the pi_old
-of the distillation objective).
+the model's tempered distribution, which is the pi_old of the distillation objective. The
+sampling filters (presence penalty, top-k, top-p, no vision placeholders, greedy's argmax)
+change which token is drawn, never the log-prob it is given: a trainer's PPO ratio
+pi_theta / pi_old starts at exactly 1 whatever filters the rollouts used.
 """
 
 from dataclasses import dataclass
@@ -85,7 +87,10 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     generator: one torch.Generator for the whole batch, or a list with one per row of the repeated
     batch (prompt-major: prompt 0's n rows first). With one per row, a row's tokens do not depend on
     which other rows share its batch (up to float rounding): what makes a data-parallel run equal a
-    single-process one."""
+    single-process one.
+    Rollout.logprobs are log softmax(logits / temperature) of the model at the drawn tokens, taken
+    before the presence penalty, top-k, top-p and the vision-placeholder ban, which only shape the
+    draw (greedy too: argmax of the filtered logits, log-prob of the tempered model)."""
     batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
     batch_size = batch["input_ids"].shape[0]
     if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
@@ -110,22 +115,20 @@ def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, pr
     seen = torch.zeros(batch_size, logits.shape[-1], dtype=torch.bool, device=device)  # for the presence penalty
     tokens, logprobs, masks = [], [], []
     for _ in range(max_new_tokens):
-        logits = logits.float()
-        if presence_penalty:
-            logits = logits - presence_penalty * seen.to(logits.dtype)
-        allowed = logits.clone()
+        model_logits = logits.float()                                                   # (B, V)
+        # what may be drawn: logits - penalty * [token already in this row], no vision placeholders
+        allowed = model_logits - presence_penalty * seen.float() if presence_penalty else model_logits.clone()
         allowed[:, vision_ids] = float("-inf")
         if greedy:
             token = allowed.argmax(-1)
-            token_logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
         else:
-            scaled = logits / temperature
             probs = filter_logits(allowed / temperature, top_k, top_p).softmax(-1)
             if isinstance(generator, (list, tuple)):
                 token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
             else:
                 token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            token_logprob = scaled.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+        # log pi_old(y_t) = log softmax(z_t / T)[y_t], of the model's logits z_t, not of the filtered ones
+        token_logprob = (model_logits / temperature).log_softmax(-1).gather(-1, token[:, None])[:, 0]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         logprobs.append(torch.where(finished, torch.zeros_like(token_logprob), token_logprob))

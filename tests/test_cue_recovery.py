@@ -10,6 +10,7 @@ from data import IMAGE_SIZE, collate, eval_world, model_inputs, student_messages
 from distill import completion_logits, distill_loss, rollout_completions, scoring_batch, teacher_logits
 from model import load_model
 from rollout import VISION_TOKENS, sample
+from test_rollout import GREEDY_MARGIN, LOGPROB_TOLERANCE, top2_margins
 
 
 def prompts(n=3, seed=1):
@@ -46,6 +47,7 @@ def test_zero_init_is_an_exact_no_op(tiny):
     model, processor = tiny
     batch = collate(processor, prompts(4))
     assert batch["attention_mask"].sum(-1).unique().numel() > 1      # left padding is exercised
+    # exact on purpose: W_O = 0 makes z = 0 exactly and h + 0 = h, and the rest is the same computation
     assert torch.equal(logits(with_module(tiny, init="zero"), batch), logits(model, batch))
 
 
@@ -55,14 +57,17 @@ def test_kv_cache_sampling_equals_recomputing_the_whole_sequence(tiny):
     chats = prompts(3)
     rollout = sample(module_model, processor, collate(processor, chats), greedy=True, max_new_tokens=8)
     vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    generated = [[] for _ in chats]
+    generated, margins = [[] for _ in chats], []
     for _ in range(rollout.completion_ids.shape[1]):   # greedy without a cache: the module runs on it all
         last = logits(module_model, collate(processor, chats, completion_ids=generated))[:, -1].float()
+        margins.append(top2_margins(last, vision_ids))
         last[:, vision_ids] = float("-inf")
         for row, token in enumerate(last.argmax(-1).tolist()):
             generated[row].append(token)
     lengths = rollout.completion_mask.sum(-1).tolist()
     assert min(lengths) >= 2
+    # cached vs recomputed are two paths: no compared token may be a near-tie (see test_rollout.GREEDY_MARGIN)
+    assert torch.stack(margins, 1)[rollout.completion_mask.bool()].min() > GREEDY_MARGIN
     for row, length in enumerate(lengths):
         assert rollout.completion_ids[row, :length].tolist() == generated[row][:length]
     # rollout's log-probs against a teacher-forced forward of prompt + completion
@@ -71,8 +76,10 @@ def test_kv_cache_sampling_equals_recomputing_the_whole_sequence(tiny):
     full_logprobs = logits(module_model, full)[:, :-1].float().log_softmax(-1)
     token_logprobs = full_logprobs.gather(-1, full["input_ids"][:, 1:, None])[..., 0]
     reference = token_logprobs[full["completion_mask"][:, 1:].bool()]
-    assert torch.allclose(rollout.logprobs[rollout.completion_mask.bool()], reference, atol=1e-4)
-    # and the module changed what was computed
+    # cached decode vs full forward: float32 rounding ~1e-6 (see test_rollout.LOGPROB_TOLERANCE); a decode
+    # step one rope position off moves these log-probs by ~0.1
+    assert torch.allclose(rollout.logprobs[rollout.completion_mask.bool()], reference, rtol=0, atol=LOGPROB_TOLERANCE)
+    # and the module changed what was computed (by ~0.8 here, far above any rounding)
     assert not torch.allclose(logits(model, full), logits(module_model, full), atol=1e-3)
 
 
@@ -104,8 +111,11 @@ def test_update_equals_a_hand_computation_after_deepstack(tiny):
             k, u = (module.norm_kv(values) @ w[0].weight.T for w in (module.w_k, module.w_v))
             z = torch.cat([torch.softmax(qh @ kh.T / qh.numel() ** 0.5, -1) @ uh for qh, kh, uh in
                            zip(q.chunk(heads), k.chunk(heads, -1), u.chunk(heads, -1))]) @ module.w_o[0].weight.T
+            # per-head loops vs the module's batched matmuls: values ~0.6 differ by ~1e-7 (a few ulps);
+            # 1e-5 leaves a 100x margin, and the update read before deepstack's add is off by ~0.4
             assert torch.allclose(after["layer_1"][row, sink], h + z, atol=1e-5)
             others = torch.arange(batch["input_ids"].shape[1]) != sink
+            # exact: layer 0 is the same computation in both models, and the module writes the sink only
             assert torch.equal(after["layer_1"][row, others], seen["layer_1"][row, others])
 
 
@@ -129,7 +139,9 @@ def test_the_sink_reads_the_image(tiny):
 
     plain_sink, plain_logits = sink_state_after_layer_0(model)
     module_sink, module_logits = sink_state_after_layer_0(with_module(tiny))
+    # exact: the two rows hold the same tokens up to the sink (their first), in one batch, the same kernels
     assert torch.equal(plain_sink[0], plain_sink[1])
+    # the module makes them differ by ~0.2, and the last logits by ~0.3: far above any rounding
     assert not torch.allclose(module_sink[0], module_sink[1], atol=1e-3)
     assert not torch.allclose(module_logits[:, -1], plain_logits[:, -1], atol=1e-3)
 
@@ -155,6 +167,7 @@ def test_parameters_get_gradients_from_the_distillation_loss_alone(tiny):
 
     step()   # W_O = 0: only W_O has a gradient (z = 0 whatever W_Q, W_K, W_V, the norms)
     assert all(w.weight.grad.abs().sum() > 0 for w in module.w_o)
+    # exact: the gradient into W_Q passes through W_O = 0, a product with exact zeros
     assert all(w.weight.grad is None or w.weight.grad.abs().sum() == 0 for w in module.w_q)
     with torch.no_grad():
         for p in module.parameters():
@@ -179,6 +192,8 @@ def test_the_sink_is_the_first_im_start_under_left_padding(tiny):
     together = logits(module_model, batch)[:, -1]
     for row, chat in enumerate(prompts(4)):
         alone = logits(module_model, collate(processor, [chat]))[:, -1]
+        # padded batch of 4 vs one row: other GEMM shapes, logits ~0.7 differ by ~6e-7 here; 1e-4 leaves a
+        # 100x margin, and a sink taken at the row's first pad instead moves them by > 1e-2
         assert torch.allclose(together[row], alone[0], atol=1e-4)
 
 
@@ -188,12 +203,12 @@ def test_deepcopy_hooks_use_the_copys_module(tiny):
     original = with_module(tiny)
     before = logits(original, batch)
     duplicate = copy.deepcopy(original)
-    assert torch.equal(logits(duplicate, batch), before)
+    assert torch.equal(logits(duplicate, batch), before)          # exact: the same weights, the same computation
     with torch.no_grad():
         for w in cue_recovery.get(duplicate).w_o:
             w.weight.mul_(3.0)
     assert torch.equal(logits(original, batch), before)
-    assert not torch.allclose(logits(duplicate, batch), before, atol=1e-3)
+    assert not torch.allclose(logits(duplicate, batch), before, atol=1e-3)    # 3 W_O moves them by ~0.1
 
 
 def test_save_and_load_round_trip(tiny, tmp_path):
@@ -205,7 +220,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     cue_recovery.save(module_model, tmp_path)
     loaded, _ = load_model(str(tmp_path))                     # load_model restores the module
     assert cue_recovery.get(loaded).config == cue_recovery.get(module_model).config
-    assert torch.equal(logits(loaded.eval(), batch), logits(module_model, batch))
+    assert torch.equal(logits(loaded.eval(), batch), logits(module_model, batch))   # exact: the same weights and path
     plain_dir = tmp_path / "plain"
     model.save_pretrained(plain_dir)
     assert cue_recovery.maybe_attach_from(model, plain_dir) is None and cue_recovery.get(model) is None
@@ -217,7 +232,7 @@ def test_sink_attention_sums_to_one_and_cue_recall(tiny):
     batch = collate(processor, [student_messages(s) for s in samples])
     weights = cue_recovery.sink_attention(with_module(tiny, sink_every=1), batch)
     assert weights.shape == (3, 3, 9)                                # (B, modules, 9 visual tokens)
-    assert torch.allclose(weights.sum(-1), torch.ones(3, 3), atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 3), atol=1e-5)   # a float32 sum of 9 weights: <= ~1e-6 off
     recall, area = cue_recovery.cue_recall(weights, [s.boxes for s in samples], batch["image_grid_thw"],
                                            [s.image.size for s in samples])
     assert recall.shape == (3, 3) and ((recall >= 0) & (recall <= 1)).all() and (area > 0).all()
@@ -226,6 +241,7 @@ def test_sink_attention_sums_to_one_and_cue_recall(tiny):
     on_cell_4 = torch.zeros(1, 9)
     on_cell_4[0, 4] = 1.0                                          # the centre cell, pixels 32..64
     recall, area = cue_recovery.cue_recall(on_cell_4, [[[32, 32, 64, 64]]], grid, [(96, 96)])
+    # exact: weights 0, 0.5, 1 times a coverage of 0 or 1, no matmul involved (approx where it is a fraction)
     assert recall.item() == 1.0 and area.item() == pytest.approx(1 / 9)
     half = torch.tensor([[0.5, 0.5] + [0.0] * 7])                   # half on a1, half on a2
     boxes = [[[0, 0, 16, 32], [8, 0, 32, 32]]]                      # overlapping: a1 fully covered
@@ -251,6 +267,8 @@ def test_evaluating_a_vicur_checkpoint_never_reads_cues_answers_or_rationales(ti
     loaded, processor = load_model(str(tmp_path))
     samples = eval_world(14, seed=4)
     stripped = [dataclasses.replace(s, cue=None, rationale=None, answer="?", boxes=[]) for s in samples]
+    # exact: the same prompts and weights take the same computation, unless a cue, answer or rationale
+    # reached the model (or the loaded module differs from the saved one)
     predictions = [r["prediction"] for r in evaluate(loaded, processor, samples, max_new_tokens=12,
                                                      progress=False)["records"]]
     assert predictions == [r["prediction"] for r in evaluate(loaded, processor, stripped, max_new_tokens=12,
@@ -270,6 +288,8 @@ def test_evaluate_cli_writes_heat_maps_and_cue_recall(tiny, tmp_path, capsys):
     assert len(recall["per_layer"]) == len(recall["layers"]) == 3 and 0 < recall["box_area_share"] < 1
     model, processor = load_model(str(tmp_path / "ckpt"))
     in_batches_of_3 = cue_recovery.evaluation_cue_recall(model, processor, eval_world(7), batch_size=3)
+    # batches of 3 vs one of 7: recalls ~0.1 differ by rounding (~1e-8, also across CPU kernels); 1e-6 leaves
+    # a 60x margin, and averaging per-batch means instead of rows moves them by ~1e-2
     assert in_batches_of_3["per_layer"] == pytest.approx(recall["per_layer"], abs=1e-6)
     assert in_batches_of_3["box_area_share"] == pytest.approx(recall["box_area_share"])
     pictures = sorted((tmp_path / "heatmaps").glob("*.png"))
@@ -296,4 +316,6 @@ def test_the_cue_recall_logged_in_training_equals_the_prompt_alone(tiny):
     prompt = collate(processor, [student_messages(s) for s in samples])
     recall, _ = cue_recovery.cue_recall(cue_recovery.sink_attention(module_model, prompt), [s.boxes for s in samples],
                                         prompt["image_grid_thw"], [s.image.size for s in samples])
+    # prompt + completion vs prompt alone: other lengths and padding, so rounding (<= ~1e-7 on a recall of
+    # ~0.07); 1e-5 leaves a 100x margin, and counting the box-less row moves it by 1e-3, rows 0-2 by 6e-5
     assert logged == pytest.approx(recall.mean(-1)[[0, 2, 3]].mean().item(), abs=1e-5)

@@ -27,6 +27,7 @@ def test_evaluation_never_reads_cues_answers_or_rationales(tiny):
     stripped = [dataclasses.replace(s, answer=s.answer, cue=None, rationale=None, boxes=[]) for s in samples]
     first = evaluate(model, processor, samples, max_new_tokens=10, progress=False)
     second = evaluate(model, processor, stripped, max_new_tokens=10, progress=False)
+    # exact: the same prompts, so the same computation, unless a cue, answer or rationale reached the model
     assert [r["prediction"] for r in first["records"]] == [r["prediction"] for r in second["records"]]
     # and the answer is used only for scoring: a different gold changes correctness, not predictions
     wrong = [dataclasses.replace(s, answer="zzz") for s in samples]

@@ -5,10 +5,14 @@ import statistics
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 import evaluate
+from data import collate, eval_world, model_inputs, student_messages
 from model import load_model
+from rollout import VISION_TOKENS, sample
+from test_rollout import GREEDY_MARGIN, top2_margins
 
 
 def fake_run(folder, per_family, steps=(), cue_recall=None):
@@ -109,6 +113,17 @@ def test_the_tables_command_end_to_end(tiny, tmp_path):
     assert all(f"| {row} |" in text for row in ("Base (SFT)", "OPSD", "OPSD+ViCuR", "full ViCuR: cue hint + module"))
     base = json.load(open(tmp_path / "tables" / "base" / "seed3" / "eval.json"))
     before = json.load(open(tmp_path / "tables" / "opsd" / "seed3" / "eval_before.json"))
+    # the same greedy evaluation (7 prompts in one batch, the same weights) in two processes whose thread
+    # counts differ, which may reorder float sums: exact equality holds as no greedy token is a near-tie
+    samples = eval_world(7, seed=3)
+    rollout = sample(model, processor, collate(processor, [student_messages(s) for s in samples]), greedy=True,
+                     max_new_tokens=6)
+    completions = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    full = collate(processor, [student_messages(s) for s in samples], completions)
+    with torch.no_grad():
+        logits = model(**model_inputs(full)).logits[:, :-1]
+    vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    assert top2_margins(logits, vision_ids)[full["completion_mask"][:, 1:].bool()].min() > GREEDY_MARGIN
     assert base["per_family"] == before["per_family"] and len(base["per_family"]) == 7
     config = json.load(open(tmp_path / "tables" / "opsd_vicur" / "seed3" / "config.json"))
     assert (config["seed"], config["max_steps"], config["mode"]) == (3, 1, "vicur")
