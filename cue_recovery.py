@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 from PIL import Image, ImageDraw
@@ -63,7 +64,7 @@ class CueRecovery(nn.Module):
             for w_o in self.w_o:
                 nn.init.zeros_(w_o.weight)
         self.state = None      # what the current forward's hooks read (set by `record_inputs`)
-        self.recorded = None   # a list while `sink_attention` collects weights
+        self.recorded = None   # a list inside `recording(model)`
 
     def record_inputs(self, base_model, args, kwargs):
         """Pre-forward hook on Qwen3VLModel: find the sink and the visual tokens of this forward,
@@ -123,7 +124,7 @@ def get(model):
     return getattr(model.model, "cue_recovery", None)
 
 
-def install(model, module):
+def _install(model, module):
     """Store `module` as model.model.cue_recovery and hook it in. Hooks are bound methods of the
     module, so copy.deepcopy(model) gives hooks bound to the copy's own module.
 
@@ -148,10 +149,22 @@ def install(model, module):
     return module
 
 
-def attach(model, tokenizer, sink_every=None, init="zero"):
-    """Give a Qwen3VLForConditionalGeneration a new cue recovery module -> the module.
-    tokenizer: the model's tokenizer (or processor), for the sink token's id."""
+def attach(model, tokenizer=None, sink_every=None, init="zero", saved=None):
+    """Give a Qwen3VLForConditionalGeneration its cue recovery module -> the module: a new one
+    (tokenizer: the model's tokenizer or processor, for the sink token's id), or, with saved=DIR, the
+    one saved in DIR by `save`, its weights loaded (None when DIR holds no module: a hub id, a plain
+    checkpoint). The one way a module gets onto a model."""
     text_config = model.config.get_text_config()
+    if saved is not None:
+        if not os.path.isfile(os.path.join(str(saved), CONFIG_FILE)):
+            return None
+        with open(os.path.join(saved, CONFIG_FILE)) as f:
+            config = json.load(f)
+        module = _install(model, CueRecovery(text_config.hidden_size, text_config.num_attention_heads, config["layers"],
+                                             config["sink_token_id"], config["visual_token_ids"],
+                                             text_config.rms_norm_eps, config["sink_every"], config["init"]))
+        module.load_state_dict(torch.load(os.path.join(saved, WEIGHTS_FILE), map_location="cpu", weights_only=True))
+        return module
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     num_layers = text_config.num_hidden_layers
     sink_every = sink_every or default_sink_every(num_layers)
@@ -159,7 +172,7 @@ def attach(model, tokenizer, sink_every=None, init="zero"):
     module = CueRecovery(text_config.hidden_size, text_config.num_attention_heads, module_layers(num_layers, sink_every),
                          tokenizer.convert_tokens_to_ids(SINK_TOKEN), visual_token_ids, text_config.rms_norm_eps,
                          sink_every, init)
-    return install(model, module)
+    return _install(model, module)
 
 
 def parameter_count(model):
@@ -179,39 +192,28 @@ def save(model, directory):
     torch.save(module.state_dict(), os.path.join(directory, WEIGHTS_FILE))
 
 
-def load_into(model, directory):
-    """Re-create the module saved in `directory` on `model` and load its weights -> the module."""
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        config = json.load(f)
-    text_config = model.config.get_text_config()
-    module = install(model, CueRecovery(text_config.hidden_size, text_config.num_attention_heads, config["layers"],
-                                        config["sink_token_id"], config["visual_token_ids"], text_config.rms_norm_eps,
-                                        config["sink_every"], config["init"]))
-    weights = torch.load(os.path.join(directory, WEIGHTS_FILE), map_location="cpu", weights_only=True)
-    module.load_state_dict(weights)
-    return module
-
-
-def maybe_attach_from(model, directory):
-    """load_into when `directory` holds a saved module, else None (a hub id, a plain checkpoint)."""
-    if os.path.isfile(os.path.join(str(directory), CONFIG_FILE)):
-        return load_into(model, directory)
-    return None
+@contextmanager
+def recording(model):
+    """Within the block, every prefill forward of `model` appends its modules' sink attention, one
+    (B, N) head average per module in layer order, to the list it yields; outside it nothing is kept
+    (so --grad_ckpt's recompute records nothing)."""
+    module = get(model)
+    if module is None:
+        raise ValueError("the model has no cue recovery module (cue_recovery.attach it first)")
+    module.recorded = []
+    try:
+        yield module.recorded
+    finally:
+        module.recorded = None
 
 
 @torch.no_grad()
 def sink_attention(model, batch):
     """One prefill forward -> (B, num_modules, N) the sink's attention over each row's visual
     tokens (in sequence order, zero past a row's count), averaged over heads."""
-    module = get(model)
-    if module is None:
-        raise ValueError("the model has no cue recovery module (cue_recovery.attach it first)")
-    module.recorded = []
-    try:
+    with recording(model) as recorded:
         model(**model_inputs(batch), logits_to_keep=1)
-        return torch.stack(module.recorded, dim=1) if module.recorded else None
-    finally:
-        module.recorded = None
+    return torch.stack(recorded, dim=1) if recorded else None
 
 
 def cue_recall(weights, boxes, image_grid_thw, image_sizes, patch_size=16, merge_size=2):

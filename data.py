@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageDraw
 
+import cli
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 SHAPES = ["circle", "square", "triangle"]
 SIZES = {"big": 13, "small": 8}  # half-width in pixels
@@ -33,6 +35,15 @@ HELD_OUT_PAIRS = [("yellow", "triangle"), ("blue", "circle")]  # never drawn in 
 IN_DOMAIN = ["count", "attribute", "spatial", "compare", "arithmetic"]
 OUT_OF_DOMAIN = ["dense_count", "novel_pair"]
 FAMILIES = IN_DOMAIN + OUT_OF_DOMAIN
+BENCHMARKS = {  # name: (file in the benchmarks folder, the paper's group, the paper's column title)
+    "vision_r1": ("vision_r1_test.jsonl", "in-domain", "Vision R1-Test"),
+    "dynamath": ("DynaMath.tsv", "near-domain", "DynaMath"),
+    "mathvista": ("MathVista_MINI.tsv", "near-domain", "MathVista"),
+    "wemath": ("WeMath.tsv", "near-domain", "WeMath"),
+    "mathverse": ("MathVerse_MINI.tsv", "near-domain", "MathVerse"),
+    "mmmu": ("MMMU_DEV_VAL.tsv", "out-of-domain", "MMMU-Val"),
+    "video_mme": ("Video-MME.tsv", "out-of-domain", "Video-MME"),
+}
 EVAL_SEED_OFFSET = 1_000_000
 MAX_IMAGE_PIXELS = 40_000_000  # a larger image is almost surely a mistake in the data
 
@@ -499,17 +510,21 @@ def model_inputs(batch):
     return {k: batch[k] for k in keys if k in batch}
 
 
+@dataclass
+class WorldConfig:
+    out: str = "world"               # writes OUT/train.jsonl, OUT/eval.jsonl and OUT/images/
+    num_train: int = 8000            # training samples (in-domain families)
+    num_eval: int = 350              # evaluation samples (all seven families)
+    seed: int = 0                    # the world's seed (the evaluation set has its own offset)
+
+
 def main(argv):
-    """python data.py --out=DIR [--num_train=N] [--num_eval=N] [--seed=S]: write the embedded world
-    as DIR/train.jsonl and DIR/eval.jsonl (images in DIR/images), the format --data reads."""
-    args = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
-    if "out" not in args or set(args) - {"out", "num_train", "num_eval", "seed"} or len(args) != len(argv):
-        raise SystemExit(f"usage: python data.py --out=DIR [--num_train=N] [--num_eval=N] [--seed=S]; got {argv}")
-    os.makedirs(args["out"], exist_ok=True)
-    seed = int(args.get("seed", 0))
-    write_jsonl(make_world(int(args.get("num_train", 8000)), seed=seed), os.path.join(args["out"], "train.jsonl"))
-    write_jsonl(eval_world(int(args.get("num_eval", 350)), seed=seed), os.path.join(args["out"], "eval.jsonl"))
-    print(f"wrote {args['out']}/train.jsonl and eval.jsonl")
+    """python data.py --out=DIR: write the embedded world in the JSONL format --data reads."""
+    config = cli.parse(argv, WorldConfig, "python data.py --out=DIR [--key=value ...]")
+    os.makedirs(config.out, exist_ok=True)
+    write_jsonl(make_world(config.num_train, seed=config.seed), os.path.join(config.out, "train.jsonl"))
+    write_jsonl(eval_world(config.num_eval, seed=config.seed), os.path.join(config.out, "eval.jsonl"))
+    print(f"wrote {config.out}/train.jsonl and eval.jsonl")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,17 @@ The teacher sees the student's prompt plus one privileged slot after the questio
 
 import math
 import re
+import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 from PIL import Image
 
+import cue_recovery
 from data import collate, model_inputs, student_messages, to_device, user_message
+from divergences import divergence, entropy, token_logprobs
 from evaluate import score_sample
-from rollout import sample
+from rollout import sample_completions
 
 PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops", "hints"]
 
@@ -35,7 +39,7 @@ def hint_text(sample, privilege):
     return None
 
 
-def states(text, answer):
+def mentions_answer(text, answer):
     """Does `text` contain `answer` as a run of whole words? Case and punctuation are ignored."""
     words = lambda t: " " + " ".join(re.sub(r"[^0-9a-z]+", " ", t.lower()).split()) + " "  # noqa: E731
     return words(answer).strip() != "" and words(answer) in words(text)
@@ -47,12 +51,12 @@ def tutoring_hint(sample):
     that states the answer or concludes ('so the answer is ...'), at most half of them. None when
     neither part is left."""
     boxes = " ".join(f"[{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]" for x0, y0, x1, y1 in sample.boxes)
-    where = next((w for w in (sample.cue, boxes) if w and not states(w, sample.answer)), None)
+    where = next((w for w in (sample.cue, boxes) if w and not mentions_answer(w, sample.answer)), None)
     steps = []
     if sample.rationale:
         sentences = [t.strip() for t in sample.rationale.split(" . ") if t.strip()]
         for sentence in sentences[:len(sentences) // 2]:
-            if states(sentence, "so the answer") or states(sentence, sample.answer):
+            if mentions_answer(sentence, "so the answer") or mentions_answer(sentence, sample.answer):
                 break
             steps.append(sentence)
     parts = ([f"look at : {where}"] if where else []) + ([" . ".join(steps)] if steps else [])
@@ -79,21 +83,12 @@ def teacher_messages(sample, privilege):
     return [user_message(sample, f"{sample.question} [Hint]: {hint}", extra_images=crops)]
 
 
-# ----------------------------------------------------------------------------- divergences
-#
-# Real vocabularies are large (Qwen3-VL: V = 151,936), so every function that looks at a
-# full (rows, V) distribution works on chunks of rows: only one chunk's float32
-# intermediates are alive at a time, in forward and in backward. The gradient w.r.t. the
-# logits (the same size as the logits) is the only full-size tensor allocated.
+# ----------------------------------------------------------------------------- losses
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "topk_jsd")
-_TINY = torch.finfo(torch.float32).tiny  # smallest positive float32; log(_TINY) ~ -87.3
-_LOG_ZERO = torch.finfo(torch.float32).min  # stands in for log 0 = -inf: exp() gives 0, differences stay finite
-# Default chunk: rows whose float32 (rows, V) block is this big. Measured on a 2-core CPU at
-# V = 151,936: 32 MiB (55 rows) ran 2-3x faster than 1024 rows (big blocks are mmap'ed and
-# page-faulted in anew on every allocation). On GPU bigger kernels amortise launches;
-# 128 MiB (220 rows) keeps per-chunk intermediates around 1 GiB.
-_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 128 * 2**20}
+def mean_log_ratio(old_logprobs, teacher_logprobs, mask=None):
+    """The distillation gap on the sampled tokens, mean_t d_t with d_t = log pi_old(y_t) - log pi_T(y_t)."""
+    log_ratio = old_logprobs - teacher_logprobs
+    return (log_ratio.mean() if mask is None else masked_mean(log_ratio, mask)).item()
 
 
 def masked_mean(values, mask):
@@ -101,241 +96,6 @@ def masked_mean(values, mask):
     mask = mask.to(values.dtype)
     values = torch.where(mask > 0, values, 0)  # padding may hold inf/nan; keep it out of the sum
     return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def _log_probs(logits, temperature):
-    """log softmax(z / tau) in float32, (rows, V)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def _kl(log_p, log_q):
-    """KL(p || q) = sum_v p_v (log p_v - log q_v) over the last dim.
-
-    0 log 0 = 0 holds as long as log-probs are finite: a zero probability is stored as
-    _LOG_ZERO (or underflows in exp), so its term is 0 * finite = 0.
-    """
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def _reverse_kl(log_p_student, log_p_teacher):
-    """KL(p_S || p_T) over the last dim; +inf on a row where the teacher gives an id p_T = 0 (a -inf
-    logit or log-prob, stored as _LOG_ZERO), since p_S, a softmax of finite logits, is > 0 there.
-    Such a row's gradient is 0: its value is +inf for every student, no step changes it."""
-    teacher_has_zero = (log_p_teacher == _LOG_ZERO).any(-1)  # (rows,)
-    return torch.where(teacher_has_zero, math.inf, _kl(log_p_student, log_p_teacher))
-
-
-def _jsd(log_p_student, log_p_teacher, beta, stop_grad_weights=False):
-    """GKD's generalised JSD over the last dim.
-
-    M = (1 - beta) p_S + beta p_T
-    JSD = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
-    stop_grad_weights (PTD-PO): KL(p_S || M) = sum sg(p_S) (log p_S - log M).
-    """
-    # log M = logsumexp(log(1 - beta) + log p_S, log(beta) + log p_T)
-    log_m = torch.logaddexp(log_p_student + math.log(1 - beta), log_p_teacher + math.log(beta))
-    teacher_term = _kl(log_p_teacher, log_m)
-    if stop_grad_weights:
-        student_term = (log_p_student.detach().exp() * (log_p_student - log_m)).sum(-1)
-    else:
-        student_term = _kl(log_p_student, log_m)
-    return beta * teacher_term + (1 - beta) * student_term
-
-
-def _with_tail_bucket(top_logprobs):
-    """(rows, K) log-probs on K ids -> (rows, K+1): the same K plus log(1 - sum_K p).
-
-    The tail is clamped at the smallest positive float32 instead of 0 (rounding can
-    push it below 0), which keeps its log and gradient finite; it changes the value
-    by < 1e-36.
-    """
-    tail = (1 - top_logprobs.exp().sum(-1, keepdim=True)).clamp_min(_TINY)
-    return torch.cat([top_logprobs, tail.log()], dim=-1)
-
-
-def _topk_jsd(log_p_student, log_p_teacher, top_k, beta, stop_grad_weights=False):
-    """PTD-PO's Top-K JSD with tail compensation.
-
-    S = the student's top-K ids; each distribution becomes K+1 buckets:
-    (p(v) for v in S, 1 - sum_{v in S} p(v)), not renormalised; then JSD(beta) over them.
-    """
-    top_ids = log_p_student.detach().topk(top_k, dim=-1).indices  # (rows, K)
-    student_buckets = _with_tail_bucket(log_p_student.gather(-1, top_ids))  # (rows, K+1)
-    teacher_buckets = _with_tail_bucket(log_p_teacher.gather(-1, top_ids))  # (rows, K+1)
-    return _jsd(student_buckets, teacher_buckets, beta, stop_grad_weights)
-
-
-def _teacher_logprobs_from_top(top_logprobs, top_ids, vocab_size):
-    """Rebuild the teacher's full (rows, V) log-probs from its top-M (rows, M) log-probs.
-
-    Ids the teacher did not list share its leftover mass evenly:
-    p_T(v) = (1 - sum_M p_T) / (V - M). A leftover that rounds to <= 0 is clamped to the
-    smallest positive float32 so that log p_T stays finite (rkl stays finite). A listed -inf
-    (an id the teacher masks) is stored as _LOG_ZERO, as in the full-logits path.
-    """
-    top_logprobs = top_logprobs.float().clamp_min(_LOG_ZERO)
-    num_unlisted = max(vocab_size - top_logprobs.shape[-1], 1)
-    leftover = (1 - top_logprobs.exp().sum(-1, keepdim=True)).clamp_min(_TINY)  # (rows, 1)
-    log_fill = leftover.log() - math.log(num_unlisted)
-    full = log_fill.expand(-1, vocab_size).clone()  # (rows, V)
-    return full.scatter_(-1, top_ids.long(), top_logprobs)
-
-
-class _RowwiseChunked(torch.autograd.Function):
-    """values[r] = row_fn(logits[r], *row_inputs[r]), computed chunk by chunk.
-
-    Rows are independent, so the gradient of sum(values) w.r.t. a chunk is each row's own
-    d values[r] / d logits[r]. We compute it in the forward pass, chunk by chunk, into one
-    logits-sized buffer, and the backward pass only scales it by grad_output[r] in place
-    (as Liger-Kernel's fused cross-entropy does). Only one chunk's intermediates are ever
-    alive, nothing is recomputed, and no second full-size gradient is built. The price:
-    backward can run once (no retain_graph, no double backward).
-    """
-
-    @staticmethod
-    def forward(ctx, row_fn, chunk_size, needs_grad, logits, *row_inputs):
-        num_rows = logits.shape[0]
-        values = torch.empty(num_rows, dtype=torch.float32, device=logits.device)  # (N,)
-        grad_logits = torch.empty_like(logits) if needs_grad else None  # (N, V)
-        for start in range(0, num_rows, chunk_size):
-            rows = slice(start, start + chunk_size)
-            inputs = [row_input[rows] for row_input in row_inputs]
-            if not needs_grad:
-                values[rows] = row_fn(logits[rows], *inputs)
-                continue
-            with torch.enable_grad():
-                chunk = logits[rows].detach().requires_grad_()
-                chunk_values = row_fn(chunk, *inputs)  # (c,)
-                (grad_logits[rows],) = torch.autograd.grad(chunk_values.sum(), chunk)
-            values[rows] = chunk_values.detach()
-        ctx.grad_logits = grad_logits
-        return values
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values):
-        grad_logits, ctx.grad_logits = ctx.grad_logits, None
-        if grad_logits is None:
-            raise RuntimeError(
-                "divergence/token_logprobs: backward can run only once per forward (the gradient "
-                "is computed in the forward pass); call the function again instead of retain_graph=True"
-            )
-        grad_logits.mul_(grad_values.unsqueeze(-1))  # dL/dlogits[r] = dL/dvalues[r] * dvalues[r]/dlogits[r]
-        return (None, None, None, grad_logits) + (None,) * (len(ctx.needs_input_grad) - 4)
-
-
-def _rowwise(row_fn, logits, *row_inputs, chunk_size=None):
-    """Apply row_fn to (..., V) logits and per-row inputs (..., *) in chunks of rows -> (...) float32.
-
-    Gradient flows to `logits` only; row_inputs are treated as constants.
-    chunk_size: rows per chunk; None picks it from _CHUNK_BYTES.
-    """
-    leading_shape, vocab_size = logits.shape[:-1], logits.shape[-1]
-    if chunk_size is None:
-        chunk_bytes = _CHUNK_BYTES["cuda" if logits.is_cuda else "cpu"]
-        chunk_size = max(1, chunk_bytes // (4 * vocab_size))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    logits_flat = logits.reshape(-1, vocab_size)  # (N, V)
-    inputs_flat = [x.detach().reshape(logits_flat.shape[0], *x.shape[len(leading_shape):]) for x in row_inputs]
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    values = _RowwiseChunked.apply(row_fn, chunk_size, needs_grad, logits_flat, *inputs_flat)
-    return values.view(leading_shape)
-
-
-def token_logprobs(logits, token_ids, temperature=1.0, chunk_size=None):
-    """log p(y_t) = z[y_t] / tau - logsumexp(z / tau) per position, chunked over rows.
-
-    logits (..., V), token_ids (...) -> (...) float32; never builds a full float32 log_softmax.
-    """
-    if token_ids.shape != logits.shape[:-1]:
-        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must be logits shape without V {tuple(logits.shape[:-1])}")
-
-    def row_fn(logits_rows, ids_rows):  # (c, V), (c,) -> (c,)
-        scaled = logits_rows.float() / temperature if temperature != 1.0 else logits_rows.float()
-        return scaled.gather(-1, ids_rows.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
-
-    return _rowwise(row_fn, logits, token_ids.long(), chunk_size=chunk_size)
-
-
-@torch.no_grad()
-def entropy(logits, temperature=1.0, chunk_size=None):
-    """H(p) = -sum_v p_v log p_v per position, p = softmax(z / tau); (..., V) -> (...) float32, no gradient."""
-
-    def row_fn(logits_rows):  # (c, V) -> (c,)
-        log_p = _log_probs(logits_rows, temperature).clamp_min(_LOG_ZERO)
-        return -(log_p.exp() * log_p).sum(-1)  # -sum p log p, with 0 log 0 = 0
-
-    return _rowwise(row_fn, logits, chunk_size=chunk_size)
-
-
-def divergence(student_logits, teacher_logits, kind, beta=0.5, top_k=None, temperature=1.0,
-               stop_grad_weights=False, chunk_size=None):
-    """Per-position divergence between student and teacher next-token distributions.
-
-    student_logits: (..., V), any float dtype (math is float32), divided by temperature.
-    teacher_logits: (..., V) full logits (divided by temperature too), or a tuple
-        (teacher_top_logprobs, teacher_top_ids), each (..., M): the teacher's top-M
-        log-probs, already at the right temperature (temperature is applied to the
-        student only). An id not listed gets p_T = (1 - sum_M p_T) / (V - M).
-    kind:
-        fkl       KL(p_T || p_S)
-        rkl       KL(p_S || p_T); +inf (gradient 0) on a position where the teacher has p_T = 0 somewhere
-        jsd       beta KL(p_T || M) + (1 - beta) KL(p_S || M), M = (1 - beta) p_S + beta p_T
-        topk_jsd  jsd over K+1 buckets: the student's top-K ids (K = top_k) + one tail bucket
-    stop_grad_weights: jsd/topk_jsd only; KL(p_S || M) = sum sg(p_S) (log p_S - log M). Beware: over
-        buckets that sum to one, the gradient is then -(1-beta) sum_v (beta p_T + (1-beta) p_S) / M grad p_S
-        = -(1-beta) grad sum_v p_S = 0: the value is the JSD's, the gradient is identically zero.
-    chunk_size: rows per chunk (None: about 32 MiB of float32 per (rows, V) block on CPU,
-        128 MiB on GPU).
-    A -inf teacher logit or log-prob is p_T = 0 there, with 0 log 0 = 0: fkl, jsd and topk_jsd stay
-    finite, rkl is +inf.
-    Returns (...) float32. Gradient flows to student_logits only, and backward can run
-    once per call.
-    """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence kind {kind!r}; known kinds: {', '.join(DIVERGENCES)}")
-    if kind in ("jsd", "topk_jsd") and not 0 < beta < 1:
-        raise ValueError(f"{kind} needs 0 < beta < 1, got beta={beta}")
-    if stop_grad_weights and kind not in ("jsd", "topk_jsd"):
-        raise ValueError(f"stop_grad_weights applies to jsd and topk_jsd only, not {kind!r}")
-    vocab_size = student_logits.shape[-1]
-    if kind == "topk_jsd" and (top_k is None or not 1 <= top_k <= vocab_size):
-        raise ValueError(f"topk_jsd needs top_k in [1, {vocab_size}], got top_k={top_k}")
-
-    teacher_is_top = isinstance(teacher_logits, (tuple, list))
-    if teacher_is_top:
-        top_logprobs, top_ids = teacher_logits
-        expected = student_logits.shape[:-1]
-        if top_logprobs.shape != top_ids.shape or top_logprobs.shape[:-1] != expected or top_ids.shape[-1] > vocab_size:
-            raise ValueError(
-                f"teacher top-M log-probs {tuple(top_logprobs.shape)} and ids {tuple(top_ids.shape)} "
-                f"must both be {tuple(expected)} + (M,) with M <= V={vocab_size}"
-            )
-        teacher_inputs = (top_logprobs, top_ids.long())
-    else:
-        if teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must match student logits {tuple(student_logits.shape)}")
-        teacher_inputs = (teacher_logits,)
-
-    def row_fn(student_rows, *teacher_rows):  # (c, V), teacher (c, V) or (c, M) x2 -> (c,)
-        log_p_student = _log_probs(student_rows, temperature)  # student logits must be finite
-        if teacher_is_top:
-            log_p_teacher = _teacher_logprobs_from_top(*teacher_rows, vocab_size)
-        else:  # a teacher may mask ids with -inf logits; keep their log-probs finite
-            log_p_teacher = _log_probs(teacher_rows[0], temperature).clamp_min(_LOG_ZERO)
-        if kind == "fkl":
-            return _kl(log_p_teacher, log_p_student)
-        if kind == "rkl":
-            return _reverse_kl(log_p_student, log_p_teacher)
-        if kind == "jsd":
-            return _jsd(log_p_student, log_p_teacher, beta, stop_grad_weights)
-        return _topk_jsd(log_p_student, log_p_teacher, top_k, beta, stop_grad_weights)
-
-    return _rowwise(row_fn, student_logits, *teacher_inputs, chunk_size=chunk_size)
 
 
 def sampled_token_loss(new_logprobs, old_logprobs, teacher_logprobs, completion_mask, clip_eps=0.2, clamp=10.0,
@@ -356,7 +116,8 @@ def sampled_token_loss(new_logprobs, old_logprobs, teacher_logprobs, completion_
     # A_t = -clamp(d_t); 0 off the completion, where padding may hold inf/nan
     advantage = torch.where(mask > 0, -log_ratio.clamp(-clamp, clamp), 0)
     per_token, clip_active = clipped_surrogate(new_logprobs, old_logprobs, advantage, clip_eps, dual_clip)
-    stats = {"log_ratio": masked_mean(log_ratio, mask).item(), "clip_frac": masked_mean(clip_active, mask).item()}
+    stats = {"log_ratio": mean_log_ratio(old_logprobs, teacher_logprobs, mask),
+             "clip_frac": masked_mean(clip_active, mask).item()}
     return masked_mean(per_token, mask), stats
 
 
@@ -437,14 +198,14 @@ def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sam
                          f"(set dual_clip=0)")
     mask = torch.ones_like(tokens, dtype=torch.float32)
     teacher_token_logprobs = token_logprobs(teacher_logits, tokens, temperature)  # log pi_T(y_t | x_T), same temperature
-    log_ratio = old_logprobs - teacher_token_logprobs
     if loss == "sampled_rkl":
         new_logprobs = token_logprobs(student_logits, tokens, temperature)  # log pi_theta(y_t), tempered as sampled
         value, stats = sampled_token_loss(new_logprobs, old_logprobs, teacher_token_logprobs, mask, clip_eps,
                                           dual_clip=dual_clip)
         return value, stats
     per_token = divergence(student_logits, teacher_logits, loss, beta=beta, top_k=top_k, temperature=temperature)
-    return masked_mean(per_token, mask), {"log_ratio": masked_mean(log_ratio, mask).item(), "clip_frac": 0.0}
+    return masked_mean(per_token, mask), {"log_ratio": mean_log_ratio(old_logprobs, teacher_token_logprobs),
+                                          "clip_frac": 0.0}
 
 
 @torch.no_grad()
@@ -453,13 +214,13 @@ def probe_log_ratio(student, teacher, processor, probe_samples, privilege, max_l
     the distillation gap measured the same way before and after training, free of sampling noise."""
     prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples],
                                max_length=max_length - max_new_tokens), student.device)
-    completions = rollout_completions(sample(student, processor, prompt, greedy=True, max_new_tokens=max_new_tokens))
-    scored = teacher_logits(teacher, processor, probe_samples, privilege, completions, max_length)
+    completions = rollout_completions(sample_completions(student, processor, prompt, greedy=True, max_new_tokens=max_new_tokens))
+    teacher_token_logits = teacher_logits(teacher, processor, probe_samples, privilege, completions, max_length)
     student_batch = scoring_batch(processor, [student_messages(s) for s in probe_samples], completions, max_length)
     was_training = student.training
     student_logits, tokens = completion_logits(student.eval(), to_device(student_batch, student.device))
     student.train(was_training)
-    return (token_logprobs(student_logits, tokens) - token_logprobs(scored, tokens)).mean().item()
+    return mean_log_ratio(token_logprobs(student_logits, tokens), token_logprobs(teacher_token_logits, tokens))
 
 
 @torch.no_grad()
@@ -539,8 +300,7 @@ def ptdpo_loss(new_logprobs, old_logprobs, ref_logprobs, advantages, gated, tuto
         jsd = jsd_tokens.mean()
         extra = ptd_coef * jsd_tokens
         if entropy_coef:
-            log_p = torch.log_softmax(tutored_logits.float() / temperature, -1)   # (n, V): tutored tokens only
-            extra = extra + entropy_coef * (log_p.exp() * log_p).sum(-1)         # - entropy_coef * H
+            extra = extra - entropy_coef * entropy(tutored_logits, temperature)  # tutored tokens only
         per_token = per_token.index_put((tutored.nonzero()[:, 0],), per_token[tutored] + extra)
     stats = {"clip_frac": clip_active.mean().item(), "kl_ref": kl.detach().mean().item(), "ptd_jsd": jsd.item(),
              "tutored_tokens": tutored.float().mean().item()}
@@ -561,6 +321,95 @@ def ptd_reference(reference, processor, rows, rollout, completions, privilege, g
     picked = tutored.nonzero()[:, 0].tolist()
     tutor = teacher_logits(reference, processor, [rows[i] for i in picked], privilege,
                            [completions[i] for i in picked], max_length) if picked else None
-    per_token = lambda values: values.repeat_interleave(rollout.lengths.cpu()).to(plain.device)  # noqa: E731
-    return plain, {"rewards": rewards, "advantages": per_token(advantages), "gated": per_token(gated),
-                   "tutored": per_token(tutored), "tutor_logits": tutor}
+    over_tokens = lambda values: values.repeat_interleave(rollout.lengths.cpu()).to(plain.device)  # noqa: E731
+    return plain, {"rewards": rewards, "advantages": over_tokens(advantages), "gated": over_tokens(gated),
+                   "tutored": over_tokens(tutored), "tutor_logits": tutor}
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+@contextmanager
+def timed(times, name):
+    """Add the wall time of a block to times[name] (seconds)."""
+    start = time.time()
+    yield
+    times[name] = times.get(name, 0.0) + time.time() - start
+
+
+def score_with_teacher(teacher, processor, rows, rollout, completions, privilege, config, with_gap):
+    """(the teacher's logits on the student's tokens (N, V), PTD-PO's tutoring dict or None, and the
+    privilege gap when with_gap: how much the hint changes the teacher on these tokens)."""
+    if config.mode == "ptdpo":
+        plain_logits, tutoring = ptd_reference(teacher, processor, rows, rollout, completions, privilege,
+                                               config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts,
+                                               config.max_length)
+        tutored = tutoring["tutored"]
+        gap = privilege_gap(tutoring["tutor_logits"], plain_logits[tutored]) if with_gap and tutored.any() else 0.0
+        return plain_logits, tutoring, gap
+    logits = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length)
+    gap = 0.0
+    if with_gap and privilege != "none":
+        gap = privilege_gap(logits, teacher_logits(teacher, processor, rows, "none", completions, config.max_length))
+    return logits, None, gap
+
+
+def microbatch_loss(student, teacher, processor, rows, rollout, completions, privilege, config, times,
+                    with_stats=True):
+    """One micro-batch of on-policy distillation -> (the mode's loss, a token mean over its completion
+    tokens; stats {name: (mean, weight)}, empty unless with_stats). The teacher scores the student's
+    own tokens under its context (x_T), the student scores them under its prompt (x), recording the
+    sink's attention for the cue recall when it has the module; then distill_loss, or ptdpo_loss."""
+    with timed(times, "teacher"):
+        teacher_token_logits, tutoring, gap = score_with_teacher(teacher, processor, rows, rollout, completions, privilege,
+                                                            config, with_gap=with_stats)
+    with timed(times, "student"):
+        batch = to_device(scoring_batch(processor, [student_messages(s) for s in rows], completions,
+                                        config.max_length), config.device)
+        recording = cue_recovery.recording(student) if with_stats and cue_recovery.get(student) is not None else nullcontext([])
+        with recording as recorded:
+            student_logits, tokens = completion_logits(student, batch)
+        old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
+        if tutoring is None:
+            loss, stats = distill_loss(student_logits, tokens, old_logprobs, teacher_token_logits, config.loss,
+                                       beta=config.beta, top_k=config.top_k, temperature=config.temperature,
+                                       clip_eps=config.clip_eps, dual_clip=config.dual_clip)
+        else:
+            ref_logprobs = token_logprobs(teacher_token_logits, tokens, config.temperature)
+            loss, stats = ptdpo_loss(
+                token_logprobs(student_logits, tokens, config.temperature), old_logprobs, ref_logprobs,
+                tutoring["advantages"], tutoring["gated"], tutoring["tutored"], student_logits,
+                tutoring["tutor_logits"], clip_eps=config.clip_eps, dual_clip=config.dual_clip,
+                kl_coef=config.kl_coef, ptd_coef=config.ptd_coef, top_k=config.top_k, beta=config.beta,
+                stop_grad_weights=config.ptd_stop_grad, entropy_coef=config.ptd_entropy_coef,
+                temperature=config.temperature)
+            stats["log_ratio"] = mean_log_ratio(old_logprobs, ref_logprobs)
+    if not with_stats:
+        return loss, {}
+    recall = cue_recovery.rows_cue_recall(torch.stack(recorded, 1).detach(), rows, batch, processor) \
+        if recorded else None
+    return loss, microbatch_stats(loss, stats, student_logits, teacher_token_logits, gap, rows, rollout, tutoring,
+                                  privilege, recall)
+
+
+def microbatch_stats(loss, stats, student_logits, teacher_token_logits, gap, rows, rollout, tutoring, privilege, recall):
+    """{name: (mean, weight)}: token means weighted by the micro-batch's completion tokens, rollout
+    means by its rollouts, PTD-PO's tutored-token means by its tutored tokens, cue recall by its rows
+    with boxes (weight 0 where there are none: train.reduce_metrics)."""
+    tokens, count = len(student_logits), len(rows)
+    tutored = int(tutoring["tutored"].sum()) if tutoring is not None else 0
+    out = {name: (value, tutored if name == "ptd_jsd" else tokens) for name, value in [("loss", loss.item()),
+                                                                                        *stats.items()]}
+    out["student_entropy"] = (entropy(student_logits.detach()).mean().item(), tokens)
+    out["teacher_entropy"] = (entropy(teacher_token_logits).mean().item(), tokens)
+    out["privilege_gap"] = (gap, tutored if tutoring is not None else tokens)
+    out["rollout_length"] = (rollout.lengths.float().mean().item(), count)
+    rewards = tutoring["rewards"].tolist() if tutoring is not None else \
+        [score_sample(text, row) for text, row in zip(rollout.texts, rows)]
+    out["reward"] = (sum(rewards) / count, count)
+    out["hint_leakage"] = (hint_leakage(rows, rollout.texts, privilege), count)
+    if recall is not None:
+        out["cue_recall"] = (recall, sum(bool(row.boxes) for row in rows))
+    if tutoring is not None:
+        out["failed_share"] = (1 - tutoring["rewards"].mean().item(), count)
+        out["gated_share"] = (tutoring["gated"].float().mean().item(), count)
+    return out

@@ -138,7 +138,7 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
         processor = AutoProcessor.from_pretrained(name_or_path)
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
-        cue_recovery.maybe_attach_from(model, os.path.expanduser(name_or_path))  # a ViCuR checkpoint's module
+        cue_recovery.attach(model, saved=os.path.expanduser(name_or_path))  # a ViCuR checkpoint's module
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return patch_embed_as_matmul(model).to(device), processor
 
@@ -171,7 +171,7 @@ def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, w
                 shard_optimizer=False, grad_ckpt=False, freeze_vision=False):
     """Per-GPU memory, in bytes, of one rank's training step as train.py runs it: weights and gradients
     in the weights' dtype (gradients only for what trains: not the vision tower under freeze_vision),
-    train.FlatAdamW's float32 master weights and two moments (12 bytes per trained weight, split over
+    optim.FlatAdamW's float32 master weights and two moments (12 bytes per trained weight, split over
     the ranks when sharded), a frozen teacher (None: none; the self teacher is a second copy of the
     student), and an activation estimate for one micro-batch of T tokens: 34 T d bytes per decoder layer
     in 16-bit without recomputation (Korthikanti et al. 2022, attention scores left out as SDPA never

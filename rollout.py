@@ -81,7 +81,7 @@ VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 
 
 @torch.no_grad()
-def sample(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, presence_penalty=0.0,
+def sample_completions(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, presence_penalty=0.0,
            max_new_tokens=64, greedy=False, generator=None):
     """Sample n completions per prompt of a collated, left-padded batch -> Rollout.
     generator: one torch.Generator for the whole batch, or a list with one per row of the repeated

@@ -13,8 +13,10 @@ from PIL import Image
 import evaluate
 from data import collate
 from data import load_frames
-from evaluate import BENCHMARKS, load_benchmark, score
-from rollout import sample
+from benchmarks import load_benchmark, paper_messages
+from data import BENCHMARKS
+from evaluate import score
+from rollout import sample_completions
 from test_rollout import GREEDY_MARGIN, top2_margins
 
 
@@ -144,10 +146,10 @@ def test_video_and_multi_image_questions_go_through_the_processor_and_sampling(t
     our sampler's greedy tokens equal transformers' generate on it."""
     model, processor = tiny
     samples = load_benchmark("video_mme", folder) * 2 + load_benchmark("mmmu", folder)[:1]   # two videos, two images
-    batch = collate(processor, [evaluate.paper_messages(s) for s in samples])
+    batch = collate(processor, [paper_messages(s) for s in samples])
     assert batch["video_grid_thw"].shape == (2, 3) and batch["image_grid_thw"].shape == (2, 3)
     assert set(batch["mm_token_type_ids"][0].unique().tolist()) == {0, 2}   # video tokens in the first row
-    ours = sample(model, processor, batch, greedy=True, max_new_tokens=6)
+    ours = sample_completions(model, processor, batch, greedy=True, max_new_tokens=6)
     generated = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
                                return_dict_in_generate=True)
     reference = generated.sequences[:, batch["input_ids"].shape[1]:]
@@ -157,7 +159,7 @@ def test_video_and_multi_image_questions_go_through_the_processor_and_sampling(t
     margins = top2_margins(torch.stack(generated.logits, dim=1))                      # (B, T)
     assert margins[ours.completion_mask[:, :reference.shape[1]].bool()].min() > GREEDY_MARGIN
     assert torch.equal(ours.completion_ids[:, :reference.shape[1]], reference)
-    twice = sample(model, processor, batch, n=2, greedy=True, max_new_tokens=6)   # each row's video/images repeated
+    twice = sample_completions(model, processor, batch, n=2, greedy=True, max_new_tokens=6)   # each row's video/images repeated
     assert torch.equal(twice.completion_ids[::2], ours.completion_ids)
     assert torch.equal(twice.completion_ids[1::2], ours.completion_ids)
 

@@ -9,7 +9,7 @@ import cue_recovery
 from data import IMAGE_SIZE, collate, eval_world, model_inputs, student_messages, user_message
 from distill import completion_logits, distill_loss, rollout_completions, scoring_batch, teacher_logits
 from model import load_model
-from rollout import VISION_TOKENS, sample
+from rollout import VISION_TOKENS, sample_completions
 from test_rollout import GREEDY_MARGIN, LOGPROB_TOLERANCE, top2_margins
 
 
@@ -55,7 +55,7 @@ def test_kv_cache_sampling_equals_recomputing_the_whole_sequence(tiny):
     model, processor = tiny
     module_model = with_module(tiny)
     chats = prompts(3)
-    rollout = sample(module_model, processor, collate(processor, chats), greedy=True, max_new_tokens=8)
+    rollout = sample_completions(module_model, processor, collate(processor, chats), greedy=True, max_new_tokens=8)
     vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     generated, margins = [[] for _ in chats], []
     for _ in range(rollout.completion_ids.shape[1]):   # greedy without a cache: the module runs on it all
@@ -152,7 +152,7 @@ def test_parameters_get_gradients_from_the_distillation_loss_alone(tiny):
     module_model = with_module(tiny, init="zero").train()
     module = cue_recovery.get(module_model)
     samples = eval_world(3, seed=2)
-    rollout = sample(module_model, processor, collate(processor, [student_messages(s) for s in samples]),
+    rollout = sample_completions(module_model, processor, collate(processor, [student_messages(s) for s in samples]),
                      max_new_tokens=8, generator=torch.Generator().manual_seed(0))
     completions = rollout_completions(rollout)
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     assert torch.equal(logits(loaded.eval(), batch), logits(module_model, batch))   # exact: the same weights and path
     plain_dir = tmp_path / "plain"
     model.save_pretrained(plain_dir)
-    assert cue_recovery.maybe_attach_from(model, plain_dir) is None and cue_recovery.get(model) is None
+    assert cue_recovery.attach(model, saved=plain_dir) is None and cue_recovery.get(model) is None
 
 
 def test_sink_attention_sums_to_one_and_cue_recall(tiny):
@@ -307,10 +307,8 @@ def test_the_cue_recall_logged_in_training_equals_the_prompt_alone(tiny):
     samples[1] = copy.copy(samples[1])
     samples[1].boxes = []                                            # a row without boxes is left out
     completions = [processor.tokenizer.encode(text) for text in ("the answer is 3", "no", "red", "a1 small red")]
-    module = cue_recovery.get(module_model)
-    module.recorded = []
-    completion_logits(module_model, scoring_batch(processor, [student_messages(s) for s in samples], completions))
-    recorded, module.recorded = module.recorded, None
+    with cue_recovery.recording(module_model) as recorded:
+        completion_logits(module_model, scoring_batch(processor, [student_messages(s) for s in samples], completions))
     batch = scoring_batch(processor, [student_messages(s) for s in samples], completions)
     logged = cue_recovery.rows_cue_recall(torch.stack(recorded, 1), samples, batch, processor)
     prompt = collate(processor, [student_messages(s) for s in samples])

@@ -57,7 +57,7 @@ def test_two_ranks_run_the_same_steps_and_rank_zero_writes(tmp_path):
 
 
 # constant lr (no warm-up, no decay), so that a run stopped at step 2 and resumed is the same schedule
-EQUAL = ["--max_steps=3", "--num_train=64", "--num_eval=7", "--max_new_tokens=8", "--warmup_steps=0",
+EQUAL = ["--max_steps=3", "--lr=1e-3", "--num_train=64", "--num_eval=7", "--max_new_tokens=8", "--warmup_steps=0",
          "--min_lr_ratio=1.0", "--threads=1", "--save_every=100"]
 
 

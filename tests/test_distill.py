@@ -7,7 +7,7 @@ import pytest
 from data import collate, eval_world, make_world, student_messages
 from distill import (completion_logits, distill_loss, hint_leakage, privilege_gap, rollout_completions,
                      sampled_token_loss, scoring_batch, teacher_logits, teacher_messages, token_logprobs)
-from rollout import sample
+from rollout import sample_completions
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.2e-7
 # The tiny model's logits (|z| < 1) pass 5 matmul levels (4 layers, the head) that sum <= 384 terms each; batches
@@ -72,7 +72,7 @@ def test_sampled_rkl_gradient_is_the_policy_gradient_toward_the_teacher(tiny):
     """With ratio 1 the paper's loss has gradient -mean_t A_t grad log pi(y_t), A_t = log pi_T - log pi_old."""
     model, processor = tiny
     samples = eval_world(3, seed=5)
-    rollout = sample(model, processor, collate(processor, [student_messages(s) for s in samples]),
+    rollout = sample_completions(model, processor, collate(processor, [student_messages(s) for s in samples]),
                      max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     completions = rollout_completions(rollout)
     teacher = teacher_logits(model, processor, samples, "answer", completions)
@@ -137,7 +137,7 @@ def test_teacher_with_another_tokenizer_is_refused(tiny):
 
 
 def test_a_full_divergence_loss_is_the_mean_over_completion_tokens():
-    from distill import divergence
+    from divergences import divergence
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(7, 30, generator=generator, requires_grad=True)
     teacher = torch.randn(7, 30, generator=generator)

@@ -1,6 +1,7 @@
 """Divergences, token log-probs, entropy and the sampled-token loss, each checked against a
 plain full-materialisation float64 reference written here."""
-from distill import clipped_surrogate, divergence, entropy, masked_mean, sampled_token_loss, token_logprobs
+from distill import clipped_surrogate, masked_mean, sampled_token_loss
+from divergences import divergence, entropy, token_logprobs
 
 import math
 
@@ -357,7 +358,14 @@ def test_entropy():
     reference = -(p * p.log()).sum(-1)
     torch.testing.assert_close(entropy(logits, temperature=1.3, chunk_size=CHUNK).double(), reference,
                                atol=VALUE_ATOL, rtol=VALUE_RTOL)
-    assert not entropy(logits.requires_grad_()).requires_grad
+    # with a gradient (PTD-PO's entropy bonus): the float64 autograd gradient of the same sum, weighted
+    logits.requires_grad_()
+    weights = torch.rand(logits.shape[:-1], generator=torch.Generator().manual_seed(3))
+    (entropy(logits, temperature=1.3, chunk_size=CHUNK) * weights).sum().backward()
+    exact = logits.detach().double().requires_grad_()
+    p = torch.softmax(exact / 1.3, -1)
+    (-(p * p.log()).sum(-1) * weights.double()).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), exact.grad, atol=GRAD_ATOL, rtol=GRAD_RTOL)
 
 
 def test_masked_mean_ignores_masked_garbage():

@@ -1,4 +1,4 @@
-"""train.FlatAdamW against torch.optim.AdamW, its float32 master weights under bf16, and the memory
+"""optim.FlatAdamW against torch.optim.AdamW, its float32 master weights under bf16, and the memory
 switches: --grad_ckpt (same gradients) and --freeze_vision (the vision tower stays as it was)."""
 import copy
 import os
@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import cue_recovery
+import optim
 import train
 from data import collate, completion_token_ids, make_world, student_messages
 from model import load_model
@@ -33,7 +34,7 @@ def test_flat_adamw_equals_torch_adamw_with_clipping_and_weight_decay():
     reference = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     ours = copy.deepcopy(reference)
     torch_adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
-    flat_adamw = train.FlatAdamW(ours.parameters(), 1e-2, 0.1, (0.9, 0.95))
+    flat_adamw = optim.FlatAdamW(ours.parameters(), 1e-2, 0.1, (0.9, 0.95))
     for step in range(20):
         x = torch.randn(8, 6)
         lr = 1e-2 * (1 - step / 40)                        # a changing lr, set the way the loop sets it
@@ -67,7 +68,7 @@ def sharded_worker(rank, world_size, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     model = small_model()
-    optimizer = train.FlatAdamW(model.parameters(), 1e-2, 0.1, (0.9, 0.95), rank, world_size, shard=True)
+    optimizer = optim.FlatAdamW(model.parameters(), 1e-2, 0.1, (0.9, 0.95), rank, world_size, shard=True)
     for step in range(5):
         rows = global_batch(step)[rank::world_size]
         (model(rows).pow(2).sum() * 10 / 12 * world_size).backward()   # the global mean, times the ranks' average
@@ -96,14 +97,14 @@ def test_the_sharded_optimizer_on_three_ranks_equals_adamw_and_resumes_on_one(tm
     with torch.no_grad():
         for p, w in zip(resumed.parameters(), saved["weights"]):
             p.copy_(w)
-    optimizer = train.FlatAdamW(resumed.parameters(), 1e-2, 0.1, (0.9, 0.95))
+    optimizer = optim.FlatAdamW(resumed.parameters(), 1e-2, 0.1, (0.9, 0.95))
     optimizer.load_state_dict(saved["optimizer"])
     (resumed(global_batch(5)).pow(2).sum() * 10 / 12).backward()
     optimizer.update(optimizer.average_gradients(), grad_clip=1.0)
     for a, b in zip(reference.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(SystemExit, match="other trained weights"):
-        train.FlatAdamW(torch.nn.Linear(2, 2).parameters(), 1e-2, 0.1, (0.9, 0.95)).load_state_dict(saved["optimizer"])
+        optim.FlatAdamW(torch.nn.Linear(2, 2).parameters(), 1e-2, 0.1, (0.9, 0.95)).load_state_dict(saved["optimizer"])
 
 
 def test_bf16_weights_follow_float32_master_weights():
@@ -116,7 +117,7 @@ def test_bf16_weights_follow_float32_master_weights():
     bf16_ours = torch.nn.Parameter(start.clone().bfloat16())
     reference_adamw = torch.optim.AdamW([reference], lr=1e-4, weight_decay=0.0)
     naive_adamw = torch.optim.AdamW([bf16_naive], lr=1e-4, weight_decay=0.0)
-    ours = train.FlatAdamW([bf16_ours], 1e-4, 0.0, (0.9, 0.999))
+    ours = optim.FlatAdamW([bf16_ours], 1e-4, 0.0, (0.9, 0.999))
     for grad in grads:
         for p, optimizer in ((reference, reference_adamw), (bf16_naive, naive_adamw)):
             p.grad = grad.to(p.dtype)

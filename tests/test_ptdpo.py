@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from data import eval_world, make_world
-from distill import divergence, group_advantages, hint_text, ptd_gate, ptdpo_loss, states
+from distill import group_advantages, hint_text, ptd_gate, ptdpo_loss, mentions_answer
+from divergences import divergence
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.2e-7
 
@@ -163,13 +164,13 @@ def test_tutoring_hints_of_user_data_never_state_the_answer(answer, cue, rationa
     sample = Sample(image=Image.new("RGB", (40, 40)), question="q ?", answer=answer, rationale=rationale, cue=cue,
                     boxes=[[1, 2, 30, 31]])
     hint = hint_text(sample, "hints")
-    assert not states(hint, answer) and "answer" not in hint.lower(), hint
+    assert not mentions_answer(hint, answer) and "answer" not in hint.lower(), hint
     assert hint.startswith("look at : ")
 
 
 def test_states_matches_whole_words_only():
-    assert states("the top left cell .", "top left") and states("it is 3.", "3") and states("PARIS, fr", "paris")
-    assert not states("a 13 b", "3") and not states("topleft", "top left") and not states("x", "")
+    assert mentions_answer("the top left cell .", "top left") and mentions_answer("it is 3.", "3") and mentions_answer("PARIS, fr", "paris")
+    assert not mentions_answer("a 13 b", "3") and not mentions_answer("topleft", "top left") and not mentions_answer("x", "")
 
 
 def test_ptd_reference_lines_up_with_the_student_tokens(tiny):
@@ -177,10 +178,10 @@ def test_ptd_reference_lines_up_with_the_student_tokens(tiny):
     completion_logits flattens them; the tutor's logits cover exactly the tutored tokens."""
     from data import collate, student_messages
     from distill import completion_logits, ptd_reference, rollout_completions, scoring_batch
-    from rollout import sample
+    from rollout import sample_completions
     model, processor = tiny
     prompts = eval_world(2, seed=5)
-    rollout = sample(model, processor, collate(processor, [student_messages(s) for s in prompts]), n=3,
+    rollout = sample_completions(model, processor, collate(processor, [student_messages(s) for s in prompts]), n=3,
                      max_new_tokens=12, generator=torch.Generator().manual_seed(0))
     rows = [s for s in prompts for _ in range(3)]
     completions = rollout_completions(rollout)

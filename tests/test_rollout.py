@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import collate, eval_world, model_inputs, student_messages
-from rollout import VISION_TOKENS, filter_logits, repeat_batch, sample
+from rollout import VISION_TOKENS, filter_logits, repeat_batch, sample_completions
 
 
 def prompt_batch(processor, n=6, seed=1):
@@ -57,7 +57,7 @@ def teacher_forced_logprobs(model, processor, batch, rollout, n=1, temperature=1
 def test_greedy_equals_generate_token_for_token(tiny):
     model, processor = tiny
     batch = prompt_batch(processor)
-    rollout = sample(model, processor, batch, greedy=True, max_new_tokens=16)
+    rollout = sample_completions(model, processor, batch, greedy=True, max_new_tokens=16)
     vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     generated = model.generate(**model_inputs(batch), max_new_tokens=16, do_sample=False, suppress_tokens=vision_ids,
                                output_logits=True, return_dict_in_generate=True)
@@ -74,7 +74,7 @@ def test_logprobs_equal_a_fresh_forward_pass(tiny):
     model, processor = tiny
     batch = prompt_batch(processor)
     generator = torch.Generator().manual_seed(0)
-    rollout = sample(model, processor, batch, n=2, temperature=1.0, max_new_tokens=12, generator=generator)
+    rollout = sample_completions(model, processor, batch, n=2, temperature=1.0, max_new_tokens=12, generator=generator)
     reference = teacher_forced_logprobs(model, processor, batch, rollout, n=2)
     assert torch.allclose(rollout.logprobs[rollout.completion_mask.bool()], reference, rtol=0, atol=LOGPROB_TOLERANCE)
 
@@ -100,7 +100,7 @@ def test_logprobs_are_the_tempered_models_whatever_the_sampling_filters(tiny, fi
     model, processor = tiny
     batch = prompt_batch(processor)
     temperature = 0.7
-    rollout = sample(model, processor, batch, n=2, temperature=temperature, max_new_tokens=12,
+    rollout = sample_completions(model, processor, batch, n=2, temperature=temperature, max_new_tokens=12,
                      generator=torch.Generator().manual_seed(4), **filters)
     logits, completions = teacher_forced_logits(model, processor, rollout, n=2)            # (N, V)
     tokens = torch.tensor([token for completion in completions for token in completion])[:, None]
@@ -117,7 +117,7 @@ def test_logprobs_are_the_tempered_models_whatever_the_sampling_filters(tiny, fi
 def test_temperature_logprobs_are_of_the_tempered_distribution(tiny):
     model, processor = tiny
     batch = prompt_batch(processor, n=2)
-    rollout = sample(model, processor, batch, temperature=0.5, max_new_tokens=6,
+    rollout = sample_completions(model, processor, batch, temperature=0.5, max_new_tokens=6,
                      generator=torch.Generator().manual_seed(1))
     full_logits_first = model(**model_inputs(batch)).logits[:, -1].float()
     expected = (full_logits_first / 0.5).log_softmax(-1).gather(-1, rollout.completion_ids[:, :1])[:, 0]
@@ -142,7 +142,7 @@ def test_stops_at_end_of_turn_and_masks_after_it(tiny):
     with torch.no_grad():
         uniform.lm_head.weight.zero_()  # every token equally likely, so some rows end early
     batch = prompt_batch(processor, n=4)
-    rollout = sample(uniform, processor, batch, n=4, max_new_tokens=40, generator=torch.Generator().manual_seed(2))
+    rollout = sample_completions(uniform, processor, batch, n=4, max_new_tokens=40, generator=torch.Generator().manual_seed(2))
     stop_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     stopped = 0
     for ids, mask in zip(rollout.completion_ids, rollout.completion_mask):
@@ -160,7 +160,7 @@ def test_rollouts_never_contain_vision_placeholders(tiny):
     uniform = copy.deepcopy(model)
     with torch.no_grad():
         uniform.lm_head.weight.zero_()  # every token equally likely, vision tokens included
-    rollout = sample(uniform, processor, prompt_batch(processor, n=4), n=4, max_new_tokens=30,
+    rollout = sample_completions(uniform, processor, prompt_batch(processor, n=4), n=4, max_new_tokens=30,
                      generator=torch.Generator().manual_seed(3))
     vision_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS])
     assert not torch.isin(rollout.completion_ids, vision_ids).any()

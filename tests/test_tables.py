@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 import evaluate
+import tables
 from data import collate, eval_world, model_inputs, student_messages
 from model import load_model
-from rollout import VISION_TOKENS, sample
+from rollout import VISION_TOKENS, sample_completions
 from test_rollout import GREEDY_MARGIN, top2_margins
 
 
@@ -42,7 +43,7 @@ def test_the_seed_table_by_hand(tmp_path):
                  [{"privilege_gap": 0.1 * (seed + 1), "hint_leakage": 0.0}, {"privilege_gap": 0.3, "hint_leakage": 0.5}])
         fake_run(tmp_path / "opsd_vicur" / f"seed{seed}", base[seed], [{"privilege_gap": 0.2, "hint_leakage": 1.0}],
                  cue_recall=0.10 + 0.02 * seed)
-    text = evaluate.write_tables(str(tmp_path), [0, 1], ["opsd", "opsd_vicur"], minutes=1.0)
+    text = tables.write_tables(str(tmp_path), [0, 1], ["opsd", "opsd_vicur"], minutes=1.0)
     assert text == open(tmp_path / "tables.md").read()
     header = cells_of(text, "row")
     assert header[:3] == ["count", "spatial", "novel_pair"]
@@ -71,34 +72,34 @@ def test_step_series_averages_seeds_then_smooths(tmp_path):
     for seed, values in ((0, [1.0, 2.0, 3.0]), (1, [3.0, 4.0, 5.0])):
         fake_run(tmp_path / f"seed{seed}", {"count": 1.0}, [{"reward": v} for v in values])
     runs = [tmp_path / "seed0", tmp_path / "seed1"]
-    assert evaluate.step_series(runs, "reward", smooth=1) == [(1, 2.0), (2, 3.0), (3, 4.0)]
-    assert evaluate.step_series(runs, "reward", smooth=2) == [(1, 2.0), (2, 2.5), (3, 3.5)]
-    assert evaluate.step_series(runs, "cue_recall") == []
+    assert tables.step_series(runs, "reward", smooth=1) == [(1, 2.0), (2, 3.0), (3, 4.0)]
+    assert tables.step_series(runs, "reward", smooth=2) == [(1, 2.0), (2, 2.5), (3, 3.5)]
+    assert tables.step_series(runs, "cue_recall") == []
 
 
 def test_curves_draw_every_row_in_its_colour(tmp_path):
     series = {"rising": {"loss": [(1, 0.0), (50, 1.0)], "reward": [(1, 0.5), (50, 0.5)]},
               "falling": {"loss": [(1, 1.0), (50, 0.0)]}}
-    path = evaluate.draw_curves(series, tmp_path / "curves.png", "test")
+    path = tables.draw_curves(series, tmp_path / "curves.png", "test")
     image = Image.open(path).convert("RGB")
     assert image.size == (4 * 330, 30 + 220)                 # two metric panels and the legend: one row of 4
     colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20)}
-    assert evaluate.COLORS[0] in colours and evaluate.COLORS[1] in colours and evaluate.COLORS[2] not in colours
+    assert tables.COLORS[0] in colours and tables.COLORS[1] in colours and tables.COLORS[2] not in colours
 
 
 def test_the_runner_skips_finished_runs_reruns_changed_ones_and_reports_failures(tmp_path):
     write = "import os, sys; open(os.path.join(sys.argv[1], 'eval.json'), 'w').write('{}'); " \
             "open(os.path.join(sys.argv[1], os.pardir, 'calls'), 'a').write(sys.argv[2])"
     commands = {str(tmp_path / name): [sys.executable, "-c", write, str(tmp_path / name), name] for name in "abc"}
-    evaluate.run_commands(commands, jobs=2)
+    tables.run_commands(commands, jobs=2)
     assert sorted(open(tmp_path / "calls").read()) == ["a", "b", "c"]
-    evaluate.run_commands(commands, jobs=2)                                    # all complete: nothing runs
+    tables.run_commands(commands, jobs=2)                                    # all complete: nothing runs
     commands[str(tmp_path / "b")].append("changed")
-    evaluate.run_commands(commands, jobs=2)                                    # only the changed command
+    tables.run_commands(commands, jobs=2)                                    # only the changed command
     assert sorted(open(tmp_path / "calls").read()) == ["a", "b", "b", "c"]
     failing = {str(tmp_path / "d"): [sys.executable, "-c", "print('the reason'); raise SystemExit(3)"]}
     with pytest.raises(SystemExit, match="(?s)exit 3.*the reason"):
-        evaluate.run_commands(failing, jobs=1)
+        tables.run_commands(failing, jobs=1)
 
 
 def test_the_tables_command_end_to_end(tiny, tmp_path):
@@ -107,7 +108,7 @@ def test_the_tables_command_end_to_end(tiny, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path / "sft")
     processor.save_pretrained(tmp_path / "sft")
-    evaluate.main([f"--tables={tmp_path / 'tables'}", "--seeds=3", "--rows=opsd,opsd_vicur", f"--init_from={tmp_path / 'sft'}",
+    tables.main([f"--out={tmp_path / 'tables'}", "--seeds=3", "--rows=opsd,opsd_vicur", f"--init_from={tmp_path / 'sft'}",
                    "--max_steps=1", "--num_eval=7", "--num_train=40", "--batch_size=2", "--max_new_tokens=6"])
     text = open(tmp_path / "tables" / "tables.md").read()
     assert all(f"| {row} |" in text for row in ("Base (SFT)", "OPSD", "OPSD+ViCuR", "full ViCuR: cue hint + module"))
@@ -116,7 +117,7 @@ def test_the_tables_command_end_to_end(tiny, tmp_path):
     # the same greedy evaluation (7 prompts in one batch, the same weights) in two processes whose thread
     # counts differ, which may reorder float sums: exact equality holds as no greedy token is a near-tie
     samples = eval_world(7, seed=3)
-    rollout = sample(model, processor, collate(processor, [student_messages(s) for s in samples]), greedy=True,
+    rollout = sample_completions(model, processor, collate(processor, [student_messages(s) for s in samples]), greedy=True,
                      max_new_tokens=6)
     completions = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
     full = collate(processor, [student_messages(s) for s in samples], completions)
