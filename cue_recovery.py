@@ -50,19 +50,22 @@ def sink_positions(input_ids, attention_mask, sink_token_id):
 
 class CueRecovery(nn.Module):
     def __init__(self, hidden_size, num_heads, layers, sink_token_id, visual_token_ids, eps=1e-6,
-                 sink_every=1, init="zero"):
+                 sink_every=1, init="zero", init_std=0.02):
         super().__init__()
-        if init not in ("zero", "default"):
-            raise ValueError(f"init must be 'zero' or 'default', got '{init}'")
+        if init not in ("zero", "default", "normal"):
+            raise ValueError(f"init must be 'zero', 'default' or 'normal', got '{init}'")
         self.layers, self.num_heads = list(layers), num_heads
         self.config = dict(sink_every=sink_every, init=init, layers=self.layers, sink_token_id=sink_token_id,
                            visual_token_ids=list(visual_token_ids))
         self.norm_q, self.norm_kv = Qwen3VLTextRMSNorm(hidden_size, eps), Qwen3VLTextRMSNorm(hidden_size, eps)
         linears = lambda: nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=False) for _ in self.layers)
         self.w_q, self.w_k, self.w_v, self.w_o = linears(), linears(), linears(), linears()
-        if init == "zero":
+        if init == "zero":                      # W_O = 0: the student starts exactly at its base
             for w_o in self.w_o:
                 nn.init.zeros_(w_o.weight)
+        if init == "normal":                    # the released code's post_init: N(0, initializer_range) everywhere
+            for linear in [*self.w_q, *self.w_k, *self.w_v, *self.w_o]:
+                nn.init.normal_(linear.weight, mean=0.0, std=init_std)
         self.state = None      # what the current forward's hooks read (set by `record_inputs`)
         self.recorded = None   # a list inside `recording(model)`
 
@@ -171,7 +174,7 @@ def attach(model, tokenizer=None, sink_every=None, init="zero", saved=None):
     visual_token_ids = (model.config.image_token_id, model.config.video_token_id)
     module = CueRecovery(text_config.hidden_size, text_config.num_attention_heads, module_layers(num_layers, sink_every),
                          tokenizer.convert_tokens_to_ids(SINK_TOKEN), visual_token_ids, text_config.rms_norm_eps,
-                         sink_every, init)
+                         sink_every, init, getattr(text_config, "initializer_range", 0.02))
     return _install(model, module)
 
 

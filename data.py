@@ -45,6 +45,8 @@ BENCHMARKS = {  # name: (file in the benchmarks folder, the paper's group, the p
     "video_mme": ("Video-MME.tsv", "out-of-domain", "Video-MME"),
 }
 EVAL_SEED_OFFSET = 1_000_000
+EVAL_SAMPLES = 1750  # 250 a family: a paired difference's standard error is about a point in-domain
+VALIDATION_SEED_OFFSET = 2_000_000  # the validation split: another seed range, in-domain families
 MAX_IMAGE_PIXELS = 40_000_000  # a larger image is almost surely a mistake in the data
 
 
@@ -253,6 +255,12 @@ def make_world(num_samples, seed=0, families=IN_DOMAIN):
 def eval_world(num_samples, seed=0):
     """The evaluation set: all seven families, from a seed range training never uses."""
     return make_world(num_samples, seed=EVAL_SEED_OFFSET + seed, families=FAMILIES)
+
+
+def validation_world(num_samples, seed=0):
+    """The validation split: in-domain families from a seed range neither training nor evaluation uses
+    (the prompts of the exact distillation gap)."""
+    return make_world(num_samples, seed=VALIDATION_SEED_OFFSET + seed)
 
 
 def grid_scan(objects, marks=None):

@@ -186,17 +186,20 @@ def check_same_tokenizer(student_processor, teacher_processor, teacher_name):
 # ----------------------------------------------------------------------------- losses and diagnostics
 
 def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sampled_rkl", beta=0.5,
-                 top_k=None, temperature=1.0, clip_eps=0.2, dual_clip=0.0):
+                 top_k=None, temperature=1.0, clip_eps=0.2, dual_clip=0.0, token_weights=None):
     """The student's loss on its own completion tokens, all inputs flat over tokens: (N, V) / (N,).
 
     sampled_rkl (the paper): PPO surrogate with A_t = -clamp(log pi_old(y_t) - log pi_T(y_t), -10, 10),
         dual-clipped at -c A_t for A_t < 0 when dual_clip = c > 1 (0 = off)
     fkl / rkl / jsd / topk_jsd: mean_t D(p_S(.|t), p_T(.|t)) over the completion tokens
+    token_weights (N,): the mean is sum_t w_t L_t / sum_t w_t; None = 1 (a token mean, as the released
+        code aggregates); w_t = 1 / |y_i| of token t's sequence gives the paper's Eq. 7, a mean over
+        sequences of each sequence's token mean (the logged stats are weighted the same way)
     """
     if dual_clip and loss != "sampled_rkl":
         raise ValueError(f"dual_clip bounds the PPO surrogate of loss=sampled_rkl; loss={loss!r} has none "
                          f"(set dual_clip=0)")
-    mask = torch.ones_like(tokens, dtype=torch.float32)
+    mask = torch.ones_like(tokens, dtype=torch.float32) if token_weights is None else token_weights.float()
     teacher_token_logprobs = token_logprobs(teacher_logits, tokens, temperature)  # log pi_T(y_t | x_T), same temperature
     if loss == "sampled_rkl":
         new_logprobs = token_logprobs(student_logits, tokens, temperature)  # log pi_theta(y_t), tempered as sampled
@@ -204,23 +207,49 @@ def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sam
                                           dual_clip=dual_clip)
         return value, stats
     per_token = divergence(student_logits, teacher_logits, loss, beta=beta, top_k=top_k, temperature=temperature)
-    return masked_mean(per_token, mask), {"log_ratio": mean_log_ratio(old_logprobs, teacher_token_logprobs),
+    return masked_mean(per_token, mask), {"log_ratio": mean_log_ratio(old_logprobs, teacher_token_logprobs, mask),
                                           "clip_frac": 0.0}
 
 
 @torch.no_grad()
-def probe_log_ratio(student, teacher, processor, probe_samples, privilege, max_length, max_new_tokens):
-    """mean_t log pi_S(y_t) - log pi_T(y_t | x_T) on the student's greedy answers to fixed prompts:
-    the distillation gap measured the same way before and after training, free of sampling noise."""
-    prompt = to_device(collate(processor, [student_messages(s) for s in probe_samples],
-                               max_length=max_length - max_new_tokens), student.device)
-    completions = rollout_completions(sample_completions(student, processor, prompt, greedy=True, max_new_tokens=max_new_tokens))
-    teacher_token_logits = teacher_logits(teacher, processor, probe_samples, privilege, completions, max_length)
-    student_batch = scoring_batch(processor, [student_messages(s) for s in probe_samples], completions, max_length)
+def exact_gap(student, teacher, processor, prompts, privilege, max_length, max_new_tokens, rollouts=2, seed=0,
+              batch_size=64, resamples=1000):
+    """The distillation gap the objective closes, measured exactly: KL(pi_S || pi_T) over the full
+    vocabulary, a mean over the completion tokens of the student's own samples (`rollouts` seeded
+    samples at temperature 1 for each fixed prompt; the teacher under its own context x_T), with a
+    bootstrap standard error over prompts; and the sampled reward of the same rollouts with its
+    standard error. -> {"gap", "gap_se", "reward", "reward_se"}."""
     was_training = student.training
-    student_logits, tokens = completion_logits(student.eval(), to_device(student_batch, student.device))
+    student.eval()
+    kl_sums, token_counts, rewards = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = to_device(collate(processor, [student_messages(s) for s in chunk], max_length=max_length - max_new_tokens),
+                          student.device)
+        generators = [torch.Generator(student.device).manual_seed(seed * 1_000_003 + (start + i) * rollouts + j)
+                      for i in range(len(chunk)) for j in range(rollouts)]
+        rollout = sample_completions(student, processor, batch, n=rollouts, max_new_tokens=max_new_tokens,
+                                     generator=generators)
+        completions, rows = rollout_completions(rollout), [s for s in chunk for _ in range(rollouts)]
+        teacher_token_logits = teacher_logits(teacher, processor, rows, privilege, completions, max_length)
+        student_batch = scoring_batch(processor, [student_messages(s) for s in rows], completions, max_length)
+        student_logits, _ = completion_logits(student, to_device(student_batch, student.device))
+        kl = divergence(student_logits, teacher_token_logits, "rkl").double().cpu()   # (N,) KL(p_S || p_T) per token
+        per_row = kl.split([len(c) for c in completions])
+        for i in range(len(chunk)):
+            mine = per_row[i * rollouts:(i + 1) * rollouts]
+            kl_sums.append(sum(r.sum().item() for r in mine))
+            token_counts.append(sum(len(r) for r in mine))
+            rewards.append(sum(score_sample(t, chunk[i]) for t in rollout.texts[i * rollouts:(i + 1) * rollouts])
+                           / rollouts)
     student.train(was_training)
-    return mean_log_ratio(token_logprobs(student_logits, tokens), token_logprobs(teacher_token_logits, tokens))
+    kl_sums, token_counts = torch.tensor(kl_sums, dtype=torch.float64), torch.tensor(token_counts, dtype=torch.float64)
+    rewards = torch.tensor(rewards, dtype=torch.float64)
+    # bootstrap over prompts: resample prompts with replacement, the token-weighted mean of each resample
+    picks = torch.randint(len(prompts), (resamples, len(prompts)), generator=torch.Generator().manual_seed(seed))
+    resampled = kl_sums[picks].sum(1) / token_counts[picks].sum(1).clamp_min(1)
+    return {"gap": (kl_sums.sum() / token_counts.sum().clamp_min(1)).item(), "gap_se": resampled.std().item(),
+            "reward": rewards.mean().item(), "reward_se": (rewards.std() / len(rewards) ** 0.5).item()}
 
 
 @torch.no_grad()
@@ -370,9 +399,12 @@ def microbatch_loss(student, teacher, processor, rows, rollout, completions, pri
             student_logits, tokens = completion_logits(student, batch)
         old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
         if tutoring is None:
+            lengths = rollout.completion_mask.sum(-1)                                   # (rows,) |y_i|
+            weights = (1 / lengths.float()).repeat_interleave(lengths).to(config.device) \
+                if config.loss_agg == "seq-mean" else None
             loss, stats = distill_loss(student_logits, tokens, old_logprobs, teacher_token_logits, config.loss,
                                        beta=config.beta, top_k=config.top_k, temperature=config.temperature,
-                                       clip_eps=config.clip_eps, dual_clip=config.dual_clip)
+                                       clip_eps=config.clip_eps, dual_clip=config.dual_clip, token_weights=weights)
         else:
             ref_logprobs = token_logprobs(teacher_token_logits, tokens, config.temperature)
             loss, stats = ptdpo_loss(

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import cli
 import cue_recovery
-from data import BENCHMARKS, FAMILIES, OUT_OF_DOMAIN, collate, eval_world, load_jsonl, student_messages, to_device
+from data import BENCHMARKS, EVAL_SAMPLES, FAMILIES, OUT_OF_DOMAIN, collate, eval_world, load_jsonl, student_messages, to_device
 from model import load_model
 from rollout import sample_completions
 
@@ -320,6 +320,40 @@ def evaluate(model, processor, samples, batch_size=64, max_new_tokens=96, messag
             "counts": {t: len(correct[t]) for t in per_family}, "records": records}
 
 
+def macro_interval(records, domain, against=None):
+    """(the macro average over a domain's families of the accuracy, or with `against` of the paired
+    difference records - against on the same samples, and its standard error): with d_i the per-sample
+    value and F families, SE = sqrt(sum_f var_f(d) / n_f) / F. None when the domain has no samples."""
+    before = {r["id"]: r["correct"] for r in against} if against is not None else None
+    by_family = defaultdict(list)
+    for r in records:
+        if domain_of(r["task"]) == domain:
+            by_family[r["task"]].append(float(r["correct"]) - (float(before[r["id"]]) if before else 0.0))
+    if not by_family:
+        return None
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    variance = lambda values: sum((v - mean(values)) ** 2 for v in values) / max(len(values) - 1, 1)  # noqa: E731
+    value = mean([mean(values) for values in by_family.values()])
+    se = sum(variance(values) / len(values) for values in by_family.values()) ** 0.5 / len(by_family)
+    return value, se
+
+
+def interval_lines(records, before_records=None):
+    """95% intervals (1.96 SE) of the in-domain and out-of-domain averages, and of the paired
+    difference to an earlier evaluation of the same samples -> ({name: [value, se]}, text)."""
+    found, lines = {}, []
+    for domain in ("in-domain", "out-of-domain"):
+        for name, against in ((domain, None), (f"delta {domain}", before_records)):
+            if name.startswith("delta") and against is None:
+                continue
+            interval = macro_interval(records, domain, against)
+            if interval:
+                found[name] = list(interval)
+                lines.append(f"{name}: {100 * interval[0]:+.1f} ± {196 * interval[1]:.1f} (95%)" if against
+                             else f"{name} average: {100 * interval[0]:.1f} ± {196 * interval[1]:.1f} (95%)")
+    return found, "; ".join(lines)
+
+
 STUDENT = "student (image + question)"
 
 
@@ -344,19 +378,21 @@ def format_table(columns):
 
 
 def write_evaluation(model, processor, samples, out, batch_size=64, max_new_tokens=96, messages_fn=student_messages,
-                     sampling=None, seed=0, diagnostic_messages=None, before=None):
+                     sampling=None, seed=0, diagnostic_messages=None, before=None, before_records=None, extra=None):
     """The evaluation every run ends with, and evaluate.py's: the student's answers (image + question
     only), the cue recall when the model has the module, and, as a labelled diagnostic when
     diagnostic_messages is given, the same model with privileged context. Prints the table and writes
     `out` (eval.json) and the student's answers beside it (<out without .json>_predictions.jsonl).
-    before: an earlier result on the same samples, shown as a first column. Returns (results, table)."""
+    before, before_records: an earlier result on the same samples, shown as a first column, and its
+    answers, for the paired difference with its interval; extra: more keys for
+    eval.json (a run's exact distillation gap). Returns (results, table)."""
     settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
     columns = {STUDENT: evaluate(model, processor, samples, messages_fn=messages_fn, **settings)}
     if diagnostic_messages is not None:
         columns["diagnostic: + cue hint"] = evaluate(model, processor, samples, messages_fn=diagnostic_messages,
                                                      **settings)
     records = {name: results.pop("records") for name, results in columns.items()}[STUDENT]
-    results = {**columns[STUDENT], "settings": "paper (sampled)" if sampling else "greedy"}
+    results = {**columns[STUDENT], "settings": "paper (sampled)" if sampling else "greedy", **(extra or {})}
     diagnostics = {name: r for name, r in columns.items() if name.startswith("diagnostic")}
     if diagnostics:
         results["diagnostics"] = diagnostics
@@ -364,7 +400,9 @@ def write_evaluation(model, processor, samples, out, batch_size=64, max_new_toke
         if cue_recovery.get(model) is not None else None
     if recall:
         results["cue_recall"] = recall
+    results["intervals"], intervals = interval_lines(records, before_records)
     table = format_table({**({"student before distillation": before} if before else {}), **columns})
+    table += f"\n\n{intervals}"
     print(table + (f"\n{cue_recovery.recall_line(recall)}" if recall else ""))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
@@ -382,7 +420,7 @@ class EvalConfig:
     only: str = ""                   # with --benchmarks: these benchmarks only, comma-separated
     limit: int = 0                   # with --benchmarks: the first N samples of each; 0 = all
     paper_settings: bool = False     # the paper's sampling, system prompt and image sizes (else greedy)
-    num_eval: int = 350              # embedded world: evaluation samples
+    num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (250 a family)
     seed: int = 0                    # the embedded world's seed, and the sampling seed
     batch_size: int = 64             # prompts per batch
     max_new_tokens: int = 0          # longest answer; 0 = 96, or the paper's 4,096 with --paper_settings

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import cli
+from data import EVAL_SAMPLES
 from evaluate import family_order
 
 
@@ -54,7 +55,8 @@ def script(name):
 
 def table_commands(folder, seeds, sft, teacher, train_flags, threads, names):
     """{run folder: argv} for the rows `names` and every seed, and the base evaluations of the SFT checkpoint."""
-    num_eval = next((f.split("=", 1)[1] for f in train_flags if f.startswith("--num_eval=")), "350")
+    num_eval = next((f.split("=", 1)[1] for f in train_flags if f.startswith("--num_eval=")),
+                    str(EVAL_SAMPLES))
     commands = {}
     for seed in seeds:
         commands[os.path.join(folder, "base", f"seed{seed}")] = [

@@ -30,8 +30,8 @@ import cli
 import cue_recovery
 from checkpoint import load_train_state, save_checkpoint, saved_run
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
-                  to_device)
-from distill import (check_same_tokenizer, hint_text, microbatch_loss, probe_log_ratio, rollout_completions,
+                  to_device, validation_world, EVAL_SAMPLES)
+from distill import (check_same_tokenizer, exact_gap, hint_text, microbatch_loss, rollout_completions,
                      teacher_messages, timed)
 from evaluate import evaluate, write_evaluation
 from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
@@ -51,7 +51,7 @@ class Config:
     eval_data: str = ""              # a JSONL file to evaluate on; empty = the last num_eval samples of --data
     skip_bad: bool = False           # skip and count bad JSONL lines instead of stopping
     num_train: int = 8000            # embedded world: training samples (in-domain families)
-    num_eval: int = 350              # embedded world: evaluation samples (all seven families)
+    num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (all seven families, 250 each)
     out_dir: str = "out/default"     # config.json, log.jsonl, ckpt/, eval.json and report.md go here
     # optimisation
     max_steps: int = 120             # optimizer steps of this run (the SFT stage has sft_steps)
@@ -77,14 +77,19 @@ class Config:
     top_k: int = 100                 # topk_jsd: the student's top-K tokens
     num_rollouts: int = 1            # completions per prompt (ptdpo: the group, at least 2; the paper's 8)
     temperature: float = 1.0         # sampling temperature of the rollouts
+    gap_prompts: int = 512           # the exact distillation gap: this many fixed validation prompts ...
+    gap_rollouts: int = 2            # ... times this many seeded student samples (0 prompts: not measured)
     ppo_epochs: int = 1              # updates per batch of rollouts (ratio = 1 on the first)
     clip_eps: float = 0.2            # PPO's clip: the ratio is kept in [1 - clip_eps, 1 + clip_eps]
+    loss_agg: str = "token-mean"     # token-mean (the released code) | seq-mean (the paper's Eq. 7: 1 / |y| per
+                                     # sequence, then the mean over the step's sequences); not for ptdpo
     dual_clip: float = 0.0           # dual-clip PPO: bound a negative-advantage token's loss by -c A (verl and
                                      # PTD-PO use c = 3); 0 = off
     # ViCuR: the student's sink-token cue recovery module (cue_recovery.py)
     cue_recovery: bool = True        # vicur mode: attach it (false = the cue hint without the module)
     sink_every: int = 0              # a module after every sink_every-th layer; 0 = 5 on >= 10 layers, else 1
     cue_init: str = "zero"           # zero: W_O = 0, an exact no-op at the start | default: nn.Linear's init
+                                     # | normal: N(0, initializer_range), the released code's post_init
     # PTD-PO: GRPO on the reward + Top-K JSD to the hint-conditioned reference on failed rollouts
     kl_coef: float = 0.0             # k3 KL to the reference policy, in groups that are not tutored
     ptd_coef: float = 0.05           # weight of the tutoring term (0: plain GRPO)
@@ -120,7 +125,8 @@ PAPER = {  # the paper's settings: global batch 128 (8 ranks x 2 x 8 micro-steps
     "shard_optimizer": True, "grad_ckpt": True}
 PRESETS = {
     # name: overrides; a preset is a plain dict applied before the command line
-    "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0},
+    "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0,
+              "gap_prompts": 32},
     "qwen3vl-2b": {**PAPER, "student": "Qwen/Qwen3-VL-2B-Instruct"},  # OPD: --teacher=Qwen/Qwen3-VL-8B-Instruct
     # the same global batch in micro-batches of 1 (8 ranks x 1 x 16): the logits of 2 x 6,144 tokens do not fit
     "qwen3vl-8b": {**PAPER, "student": "Qwen/Qwen3-VL-8B-Instruct", "batch_size": 1, "grad_accum": 16},
@@ -339,13 +345,16 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
     """One optimizer step of on-policy distillation: sample every micro-batch's rollouts, then for each
     the loss of distill.microbatch_loss (the teacher scores the student's tokens, the student moves
     toward it), backward; returns the metrics as (mean, weight) sums for reduce_metrics.
-    L = (1 / N) sum over the step's N completion tokens (all micro-batches, all ranks), as in sft_step."""
+    L = (1 / N) sum over the step's N completion tokens (all micro-batches, all ranks), as in sft_step;
+    with --loss_agg=seq-mean, N is its sequences and each token weighs 1 / |y| of its own."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
     with timed(times, "sample"):
         drawn = [draw_rollouts(student, processor, samples, step * config.grad_accum + micro, rank, world_size, config)
                  for micro in range(config.grad_accum)]
+    # token-mean: N = the step's completion tokens; seq-mean: N = its sequences (each weighs 1 in total)
+    units = lambda rollout: int(rollout.completion_mask.sum() if config.loss_agg == "token-mean" else len(rollout.texts))  # noqa: E731
     with timed(times, "communication"):
-        total = all_reduce_mean(float(sum(int(r.completion_mask.sum()) for _, r, _ in drawn)), world_size) * world_size
+        total = all_reduce_mean(float(sum(units(r) for _, r, _ in drawn)), world_size) * world_size
     metrics = {}
     for epoch in range(config.ppo_epochs):             # later epochs score again: the teacher is frozen
         for rows, rollout, completions in drawn:
@@ -353,7 +362,7 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
                                           times, with_stats=epoch == 0)
             with timed(times, "student"):
                 # this micro-batch's share of N, times world_size for all_reduce's average over ranks
-                (loss * int(rollout.completion_mask.sum()) * world_size / total).backward()
+                (loss * units(rollout) * world_size / total).backward()
             for name, (mean, weight) in stats.items():
                 add_metric(metrics, name, mean, weight)
         if epoch + 1 < config.ppo_epochs:  # the last epoch's step is the caller's
@@ -464,9 +473,20 @@ def evaluation_settings(config):
     return dict(batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
 
 
-def describe_teacher(model, teacher, processor, samples, config, step, log_file):
-    """Rank 0, before distilling: what the teacher sees, the probe, and the student's evaluation
-    before distillation (eval_before.json, the same samples as the final one) -> (privilege, probe, before)."""
+def gap_prompts(config, samples):
+    """The fixed prompts of the exact distillation gap: the embedded world's validation split (never
+    the evaluation set); user data has none, so its first training prompts."""
+    return validation_world(config.gap_prompts, seed=config.seed) if not config.data else samples[:config.gap_prompts]
+
+
+def measure_gap(model, teacher, processor, prompts, privilege, config):
+    """distill.exact_gap with this run's lengths and seed (the same rollouts' seeds before and after)."""
+    return exact_gap(model, teacher, processor, prompts, privilege, config.max_length, config.max_new_tokens,
+                     rollouts=config.gap_rollouts, seed=config.seed, batch_size=config.eval_batch_size)
+
+
+def describe_teacher(teacher, samples, config):
+    """Rank 0, before distilling: who the teacher is and what it sees -> the privilege."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
     print(f"teacher: {config.teacher} ({num_parameters(teacher) / 1e6:.2f} M parameters), privilege "
           f"'{privilege}', loss {config.loss}")
@@ -474,21 +494,28 @@ def describe_teacher(model, teacher, processor, samples, config, step, log_file)
     if lacking:
         print(f"note: {lacking} of {len(samples)} training samples have no {privilege}; "
               f"for them the teacher sees the student's prompt")
-    probe = samples[:64]
-    probe_before = probe_log_ratio(model, teacher, processor, probe, privilege, config.max_length, config.max_new_tokens)
-    print(f"probe log-ratio (student greedy answers to {len(probe)} training prompts) before: {probe_before:.4f}")
-    log_file.write(json.dumps({"step": step, "probe_log_ratio": probe_before}) + "\n")
-    return privilege, probe, probe_before
+    return privilege
 
 
-def finish(model, teacher, processor, eval_samples, config, world_size, notes, seconds):
-    """Rank 0, at the end: the final evaluation (evaluate.write_evaluation: eval.json, its predictions,
-    the cue-hint diagnostic), and report.md."""
+def gap_line(before, after):
+    """The exact gap and the sampled reward, before -> after, with standard errors."""
+    return (f"exact distillation gap KL(student || teacher), nats a token: {before['gap']:.5f} ± {before['gap_se']:.5f} "
+            f"-> {after['gap']:.5f} ± {after['gap_se']:.5f}; sampled reward {before['reward']:.3f} ± "
+            f"{before['reward_se']:.3f} -> {after['reward']:.3f} ± {after['reward_se']:.3f}")
+
+
+def finish(model, teacher, processor, eval_samples, config, world_size, notes, seconds, extra=None):
+    """Rank 0, at the end: the final evaluation (evaluate.write_evaluation: eval.json with `extra`, its
+    predictions, the cue-hint diagnostic), and report.md."""
     before_file = os.path.join(config.out_dir, "eval_before.json")
-    before = json.load(open(before_file)) if teacher is not None and os.path.exists(before_file) else None
+    before, before_records = None, None
+    if teacher is not None and os.path.exists(before_file):  # the same samples, before distillation
+        before = json.load(open(before_file))
+        before_records = [json.loads(line) for line in open(before_file.replace(".json", "_predictions.jsonl"))]
     cue_hint = (lambda s: teacher_messages(s, "cues")) if any(s.cue for s in eval_samples) else None
     _, table = write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval.json"),
-                                **evaluation_settings(config), diagnostic_messages=cue_hint, before=before)
+                                **evaluation_settings(config), diagnostic_messages=cue_hint, before=before,
+                                before_records=before_records, extra=extra)
     for note in notes:
         print(note)
     with open(os.path.join(config.out_dir, "report.md"), "w") as f:
@@ -513,7 +540,12 @@ def train(config, rank, world_size):
               f"{len(samples)} training samples, world size {world_size}, out_dir {config.out_dir}")
         log_file = open(os.path.join(config.out_dir, "log.jsonl"), "a" if config.resume else "w")
     if rank == 0 and teacher is not None:
-        privilege, probe, probe_before = describe_teacher(model, teacher, processor, samples, config, step, log_file)
+        privilege, prompts = describe_teacher(teacher, samples, config), gap_prompts(config, samples)
+        gap_before = measure_gap(model, teacher, processor, prompts, privilege, config) if prompts else None
+        if gap_before:
+            print(f"exact distillation gap before, on {len(prompts)} prompts x {config.gap_rollouts} samples: "
+                  f"{gap_before['gap']:.5f} ± {gap_before['gap_se']:.5f} nats a token")
+            log_file.write(json.dumps({"step": step, "distill_gap": gap_before}) + "\n")
         if not config.resume:
             print("before distillation:")
             write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval_before.json"),
@@ -551,13 +583,17 @@ def train(config, rank, world_size):
 
     save_checkpoint(model, processor, optimizer, config.max_steps, config, rank, world_size)
     if rank == 0:
-        notes = []
-        if teacher is not None:
-            probe_after = probe_log_ratio(model, teacher, processor, probe, privilege, config.max_length,
-                                          config.max_new_tokens)
-            notes.append(f"probe log-ratio before: {probe_before:.4f}, after: {probe_after:.4f}")
-            log_file.write(json.dumps({"step": config.max_steps, "probe_log_ratio": probe_after}) + "\n")
-        finish(model, teacher, processor, eval_samples, config, world_size, notes, train_time)
+        notes, extra = [], {}
+        if teacher is not None and gap_before:
+            gap_after = measure_gap(model, teacher, processor, prompts, privilege, config)
+            notes.append(gap_line(gap_before, gap_after))
+            log_file.write(json.dumps({"step": config.max_steps, "distill_gap": gap_after}) + "\n")
+            extra = {"distill_gap": {"before": gap_before["gap"], "after": gap_after["gap"],
+                                     "before_se": gap_before["gap_se"], "after_se": gap_after["gap_se"]},
+                     "sampled_reward": {"before": gap_before["reward"], "after": gap_after["reward"],
+                                        "before_se": gap_before["reward_se"], "after_se": gap_after["reward_se"]},
+                     "gap_prompts": len(prompts), "gap_rollouts": config.gap_rollouts}
+        finish(model, teacher, processor, eval_samples, config, world_size, notes, train_time, extra)
         print(f"done in {(time.time() - start_time) / 60:.1f} min; wrote {config.out_dir}/report.md, eval.json, ckpt/")
         log_file.close()
     if world_size > 1:
@@ -571,6 +607,9 @@ def main(argv):
     if config.mode == "ptdpo" and config.num_rollouts < 2:
         raise SystemExit(f"error: --mode=ptdpo compares rollouts within a group: --num_rollouts must be at least 2, "
                          f"got {config.num_rollouts} (the paper's groups: --num_rollouts=8 --batch_size=4)")
+    if config.loss_agg not in ("token-mean", "seq-mean") or (config.loss_agg == "seq-mean" and config.mode == "ptdpo"):
+        raise SystemExit(f"error: --loss_agg={config.loss_agg}: token-mean or seq-mean (the distillation modes; "
+                         f"PTD-PO's loss is a token mean)")
     if config.mode in DISTILL_MODES and config.max_new_tokens >= config.max_length:
         raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
                          f"--max_length={config.max_length}")

@@ -51,6 +51,20 @@ def test_zero_init_is_an_exact_no_op(tiny):
     assert torch.equal(logits(with_module(tiny, init="zero"), batch), logits(model, batch))
 
 
+def test_normal_init_draws_every_projection_from_the_models_initializer_range(tiny):
+    """--cue_init=normal is what the released code's post_init gives: N(0, initializer_range) for W_Q,
+    W_K, W_V and W_O alike (W_O is not zero, so the module acts from the start)."""
+    std = tiny[0].config.get_text_config().initializer_range
+    module = cue_recovery.get(with_module(tiny, init="normal"))
+    for name in ("w_q", "w_k", "w_v", "w_o"):
+        weights = torch.cat([linear.weight.flatten() for linear in getattr(module, name)])
+        # the sample std of n normal draws is within 5 / sqrt(2n) of std (relative) with overwhelming odds
+        assert abs(weights.std().item() / std - 1) < 5 / (2 * weights.numel()) ** 0.5, name
+        assert abs(weights.mean().item()) < 5 * std / weights.numel() ** 0.5, name
+    with pytest.raises(ValueError, match="'zero', 'default' or 'normal'"):
+        with_module(tiny, init="xavier")
+
+
 def test_kv_cache_sampling_equals_recomputing_the_whole_sequence(tiny):
     model, processor = tiny
     module_model = with_module(tiny)

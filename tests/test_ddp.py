@@ -57,7 +57,7 @@ def test_two_ranks_run_the_same_steps_and_rank_zero_writes(tmp_path):
 
 
 # constant lr (no warm-up, no decay), so that a run stopped at step 2 and resumed is the same schedule
-EQUAL = ["--max_steps=3", "--lr=1e-3", "--num_train=64", "--num_eval=7", "--max_new_tokens=8", "--warmup_steps=0",
+EQUAL = ["--max_steps=3", "--lr=1e-3", "--gap_prompts=4", "--num_train=64", "--num_eval=7", "--max_new_tokens=8", "--warmup_steps=0",
          "--min_lr_ratio=1.0", "--threads=1", "--save_every=100"]
 
 
@@ -176,6 +176,11 @@ def test_distillation_on_two_ranks_equals_one_process(start, tmp_path):
         two = one_step(step + ["--batch_size=1"], tmp_path / f"two{wrong}.pt", ranks=2, wrong=wrong)
         assert (gradient_error(two, one) < GRADIENT_TOL) == (wrong == ""), wrong
         assert not wrong or gradient_error(two, one) > 10 * GRADIENT_TOL, wrong
+    # the paper's Eq. 7 (--loss_agg=seq-mean): N is the step's sequences; 2 ranks still equal 1 process,
+    # and with rollouts of 24 and 14 tokens the gradient is not the token mean's
+    seq_one = one_step(step + ["--batch_size=2", "--loss_agg=seq-mean"], tmp_path / "seq_one.pt")
+    seq_two = one_step(step + ["--batch_size=1", "--loss_agg=seq-mean"], tmp_path / "seq_two.pt", ranks=2)
+    assert gradient_error(seq_two, seq_one) < GRADIENT_TOL < gradient_error(seq_one, one) / 10
     one = launch(flags + ["--batch_size=2", "--ppo_epochs=2"], tmp_path / "one")
     two = launch(flags + ["--batch_size=1", "--ppo_epochs=2", "--shard_optimizer"], tmp_path / "two", ranks=2)
     assert_same_run(one, two, keys=("loss", "grad_norm", "log_ratio", "rollout_length"), updates=6)

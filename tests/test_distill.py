@@ -165,3 +165,48 @@ def test_dual_clip_reaches_the_sampled_token_loss():
     assert plain.item() == pytest.approx(50.0, rel=8 * EPS32)             # -A r = 10 * 5 (float32 exp(log 5))
     with pytest.raises(ValueError, match="dual_clip bounds the PPO surrogate"):
         distill_loss(student, tokens, old, teacher, loss="jsd", dual_clip=3.0)
+
+
+def test_seq_mean_is_the_mean_over_sequences_of_each_sequences_token_mean():
+    """--loss_agg=seq-mean (the paper's Eq. 7): token weights 1 / |y_i| make distill_loss the mean of the
+    sequences' own token means, where the token mean weighs a long sequence more."""
+    from divergences import divergence
+    generator = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(7, 11, generator=generator), torch.randn(7, 11, generator=generator)
+    tokens = torch.randint(11, (7,), generator=generator)
+    lengths = torch.tensor([1, 2, 4])                                   # three sequences, 7 tokens
+    weights = (1 / lengths.float()).repeat_interleave(lengths)
+    per_token = divergence(student.double(), teacher.double(), "fkl")
+    by_sequence = torch.stack([piece.mean() for piece in per_token.split(lengths.tolist())]).mean()
+    loss, _ = distill_loss(student, tokens, torch.zeros(7), teacher, "fkl", token_weights=weights)
+    # float32 against float64: a few roundings of O(1) values
+    assert loss.item() == pytest.approx(by_sequence.item(), rel=64 * EPS32)
+    assert abs(by_sequence.item() - per_token.mean().item()) > 1e-2     # the two aggregations differ here
+
+
+def test_exact_gap_is_the_token_mean_kl_of_the_students_own_samples(tiny):
+    """exact_gap against a float64 recomputation on the same seeded rollouts; KL to itself is 0."""
+    import copy
+    from distill import exact_gap
+    model, processor = tiny
+    prompts = eval_world(5, seed=8)
+    self_gap = exact_gap(model, copy.deepcopy(model), processor, prompts, "none", 512, 6, rollouts=2, seed=3)
+    assert self_gap["gap"] == 0.0 and self_gap["gap_se"] == 0.0          # the same logits exactly: 0
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(1.5)
+    result = exact_gap(model, teacher, processor, prompts, "answer", 512, 6, rollouts=2, seed=3, batch_size=2)
+    # the reference: the same generators, in one batch, KL in float64 from the float32 logits
+    batch = collate(processor, [student_messages(s) for s in prompts], max_length=512 - 6)
+    generators = [torch.Generator().manual_seed(3 * 1_000_003 + i * 2 + j) for i in range(5) for j in range(2)]
+    rollout = sample_completions(model, processor, batch, n=2, max_new_tokens=6, generator=generators)
+    completions, rows = rollout_completions(rollout), [s for s in prompts for _ in range(2)]
+    with torch.no_grad():
+        teacher_rows = teacher_logits(teacher, processor, rows, "answer", completions).double()
+        student_rows, _ = completion_logits(model, scoring_batch(processor, [student_messages(s) for s in rows],
+                                                                 completions))
+    log_s, log_t = student_rows.double().log_softmax(-1), teacher_rows.log_softmax(-1)
+    reference = (log_s.exp() * (log_s - log_t)).sum(-1).mean().item()
+    # other batch shapes (batch_size=2 vs 5) move the logits by matmul rounding, the KL by ~1e-6 of itself
+    assert result["gap"] == pytest.approx(reference, rel=1e-4) and result["gap"] > 1e-3
+    assert 0 < result["gap_se"] < result["gap"]

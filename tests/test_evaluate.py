@@ -46,3 +46,24 @@ def test_a_privileged_prompt_is_an_explicit_choice(tiny):
     table = format_table({"student": plain, "diagnostic: + cue hint": hinted})
     assert "| family | n | student | diagnostic: + cue hint | majority baseline |" in table
     assert table.count("\n") == 2 + 7 + 3 - 1
+
+
+def test_macro_interval_is_the_family_average_and_its_paired_standard_error():
+    """SE of a macro average over F families of per-sample values d: sqrt(sum_f var_f / n_f) / F,
+    checked against statistics.variance; the paired version uses after - before per sample."""
+    import statistics
+    from evaluate import interval_lines, macro_interval
+    after = [{"id": i, "task": task, "correct": c} for i, (task, c) in enumerate(
+        [("count", 1), ("count", 0), ("count", 1), ("spatial", 1), ("spatial", 1), ("novel_pair", 0)])]
+    before = [dict(r, correct=c) for r, c in zip(after, [0, 0, 1, 0, 1, 1])]
+    value, se = macro_interval(after, "in-domain")
+    exact = dict(rel=1e-12)      # float64 Python arithmetic in another order: a few ulps
+    assert value == pytest.approx((2 / 3 + 1) / 2, **exact)
+    assert se == pytest.approx((statistics.variance([1, 0, 1]) / 3 + statistics.variance([1, 1]) / 2) ** 0.5 / 2, **exact)
+    delta, delta_se = macro_interval(after, "in-domain", against=before)
+    assert delta == pytest.approx((1 / 3 + 1 / 2) / 2, **exact)
+    assert delta_se == pytest.approx(
+        (statistics.variance([1, 0, 0]) / 3 + statistics.variance([1, 0]) / 2) ** 0.5 / 2, **exact)
+    found, text = interval_lines(after, before)
+    assert set(found) == {"in-domain", "delta in-domain", "out-of-domain", "delta out-of-domain"}
+    assert "delta in-domain: +41.7 ± " in text

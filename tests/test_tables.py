@@ -23,7 +23,7 @@ def fake_run(folder, per_family, steps=(), cue_recall=None):
         results["cue_recall"] = {"recall": cue_recall}
     json.dump(results, open(os.path.join(folder, "eval.json"), "w"))
     with open(os.path.join(folder, "log.jsonl"), "w") as f:
-        f.write(json.dumps({"step": 0, "probe_log_ratio": 0.5}) + "\n")          # not a step line
+        f.write(json.dumps({"step": 0, "distill_gap": {"gap": 0.5}}) + "\n")          # not a step line
         f.writelines(json.dumps({"step": i + 1, "loss": 1.0, **record}) + "\n" for i, record in enumerate(steps))
 
 
@@ -109,7 +109,7 @@ def test_the_tables_command_end_to_end(tiny, tmp_path):
     model.save_pretrained(tmp_path / "sft")
     processor.save_pretrained(tmp_path / "sft")
     tables.main([f"--out={tmp_path / 'tables'}", "--seeds=3", "--rows=opsd,opsd_vicur", f"--init_from={tmp_path / 'sft'}",
-                   "--max_steps=1", "--num_eval=7", "--num_train=40", "--batch_size=2", "--max_new_tokens=6"])
+                   "--max_steps=1", "--num_eval=7", "--num_train=40", "--batch_size=2", "--max_new_tokens=6", "--gap_prompts=4"])
     text = open(tmp_path / "tables" / "tables.md").read()
     assert all(f"| {row} |" in text for row in ("Base (SFT)", "OPSD", "OPSD+ViCuR", "full ViCuR: cue hint + module"))
     base = json.load(open(tmp_path / "tables" / "base" / "seed3" / "eval.json"))

@@ -155,12 +155,14 @@ DISTILL_METRICS = {"loss", "log_ratio", "clip_frac", "student_entropy", "teacher
 ])
 def test_distillation_modes_run_end_to_end(flags, tmp_path):
     train.main(flags + ["--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
-                        "--warmup_steps=1", f"--out_dir={tmp_path}"])
+                        "--warmup_steps=1", "--gap_prompts=8", f"--out_dir={tmp_path}"])
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     log = [r for r in records if "loss" in r]
     assert [r["step"] for r in log] == [1, 2]
     assert all(DISTILL_METRICS <= set(r) for r in log)
-    assert [r["step"] for r in records if "probe_log_ratio" in r] == [0, 2]    # before and after
+    assert [r["step"] for r in records if "distill_gap" in r] == [0, 2]        # before and after
+    gap = json.load(open(tmp_path / "eval.json"))["distill_gap"]
+    assert set(gap) == {"before", "after", "before_se", "after_se"} and gap["before_se"] > 0
     assert all(r["rollout_length"] > 0 for r in log)
     assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
     if "--mode=opd" in flags:
@@ -179,7 +181,7 @@ def test_the_default_pipeline_reuses_a_complete_sft_stage(tmp_path, capsys):
     """A distillation mode from a tiny student runs SFT first; a second run reuses it, a changed
     SFT setting runs it again."""
     assert train.parse_args([]).mode == "vicur" and train.parse_args([]).lr == train.Config.lr
-    flags = ["--sft_steps=2", "--max_steps=1", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
+    flags = ["--sft_steps=2", "--max_steps=1", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7", "--gap_prompts=4",
              "--warmup_steps=1", f"--out_dir={tmp_path}"]
     train.main(flags)
     assert "SFT stage: 2 steps" in capsys.readouterr().out
@@ -196,7 +198,7 @@ def test_a_vicur_run_resumes_like_one_that_never_stopped(tiny, tmp_path, monkeyp
     start = tmp_path / "start"
     model.save_pretrained(start)
     processor.save_pretrained(start)
-    common = ["--mode=vicur", f"--init_from={start}", "--max_steps=4", "--save_every=2", "--batch_size=2",
+    common = ["--mode=vicur", f"--init_from={start}", "--max_steps=4", "--save_every=2", "--batch_size=2", "--gap_prompts=4",
               "--max_new_tokens=8", "--num_eval=7", "--num_train=50", "--warmup_steps=1", "--cue_init=default"]
     full, broken, (full_log, broken_log) = unbroken_and_resumed(common, tmp_path, monkeypatch)
     assert [r["step"] for r in broken_log] == [1, 2, 3, 4]
@@ -233,7 +235,7 @@ def test_a_vicur_run_on_data_without_boxes_ends_cleanly(tmp_path):
         records = [json.loads(line) for line in open(path)]
         with open(path, "w") as f:
             f.writelines(json.dumps({k: v for k, v in r.items() if k != "boxes"}) + "\n" for r in records)
-    train.main([f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--eval_data={tmp_path / 'world' / 'eval.jsonl'}",
+    train.main([f"--data={tmp_path / 'world' / 'train.jsonl'}", f"--eval_data={tmp_path / 'world' / 'eval.jsonl'}", "--gap_prompts=4",
                 "--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", f"--out_dir={tmp_path / 'run'}"])
     results = json.load(open(tmp_path / "run" / "eval.json"))
     assert "cue_recall" not in results and os.path.exists(tmp_path / "run" / "report.md")
