@@ -6,9 +6,14 @@ model.generate; and a training step's time split.
     python bench.py --tokens=512 --repeats=1
     python bench.py --sink                # prefill and decode time with and without the cue recovery module
     python bench.py --sink --sink_model=2b   # the same on a random model with Qwen3-VL-2B's shapes (GPU)
-    python bench.py --rollout             # rollout.sample's tokens per second against model.generate's
+    python bench.py --rollout             # rollout.sample_completions's tokens per second against model.generate's
     python bench.py --train_step          # where a ViCuR training step's time goes
     python bench.py --all                 # all four in one run, then one markdown table of ratios
+    python bench.py --check               # --all, then each part alone in a fresh process: do the rows agree?
+    python bench.py --all --json=rows.json   # also write the rows: [{what, ours, reference, ratio, goal}]
+
+--all runs each part from the state a fresh `python bench.py --<part>` starts in (see `fresh_state`):
+train.py sets its own thread count, and every part seeds torch and builds its own models.
 
 For every divergence we time forward + backward (sum of the per-token values, backward into the
 student logits) and record the peak memory it takes on top of what was allocated before
@@ -26,14 +31,20 @@ The references live here, not in tests/: the tests' references are float64 oracl
 correctness; the baseline to beat is what one would write without chunking, in float32.
 """
 import argparse
+import contextlib
 import ctypes
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
-from distill import divergence
+from divergences import divergence
 
 GiB = 2**30
 
@@ -126,6 +137,58 @@ def measure(fn, student_logits, repeats, device):
 
 
 # ---------------------------------------------------------------------------
+# the divergences: ours against the reference, forward + backward
+
+def bench_divergences(args, device):
+    """Each divergence, forward + backward, ours against the float32 full-materialisation reference."""
+    _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4, device=device).sum(), device)
+    print(f"device {device}; memory check: a 1 GiB tensor reads as {one_gib / GiB:.3f} GiB")
+
+    student = (torch.randn(args.tokens, args.vocab, device=device) * 2).requires_grad_()  # (N, V) fp32
+    teacher = torch.randn(args.tokens, args.vocab, device=device) * 2  # (N, V)
+    # teacher's top-M as a server would return it: M distinct ids, log-probs summing to 0.9
+    offsets = torch.randint(args.vocab, (args.tokens, 1), device=device)
+    top_ids = (offsets + torch.arange(args.top_m, device=device) * (args.vocab // args.top_m)) % args.vocab
+    top_logprobs = torch.log_softmax(torch.randn(args.tokens, args.top_m, device=device) * 2, -1) + torch.tensor(0.9).log()
+    teacher_top = (top_logprobs, top_ids)
+    gc.collect()
+    grad_bytes = student.numel() * student.element_size()
+
+    cases = [  # (label, kind, teacher, kwargs)
+        ("fkl", "fkl", teacher, {}),
+        ("rkl", "rkl", teacher, {}),
+        ("jsd", "jsd", teacher, {}),
+        (f"topk_jsd K={args.top_k}", "topk_jsd", teacher, {"top_k": args.top_k}),
+        (f"topk_jsd K={args.top_k}, teacher top-M={args.top_m}", "topk_jsd", teacher_top, {"top_k": args.top_k}),
+    ]
+    print(f"{args.tokens} tokens x V={args.vocab}, fp32 logits ({grad_bytes / GiB:.2f} GiB each), "
+          f"chunk_size={args.chunk_size or 'default'}, median of {args.repeats} run(s); "
+          f"peak = memory above the inputs during forward+backward, incl. the logits' gradient")
+    header = (f"{'case':<36} {'ref s':>7} {'ours s':>7} {'time':>6} {'ref GiB':>8} {'ours GiB':>9} "
+              f"{'peak':>6} {'peak-grad':>10} {'max |diff|':>11}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for label, kind, teacher_input, kwargs in cases:
+        ref_s, ref_peak, ref_values = measure(
+            lambda s: reference_divergence(s, teacher_input, kind, **kwargs), student, args.repeats, device)
+        ours_s, ours_peak, ours_values = measure(
+            lambda s: divergence(s, teacher_input, kind, chunk_size=args.chunk_size, **kwargs), student, args.repeats, device)
+        max_diff = (ours_values - ref_values).abs().max().item()
+        print(f"{label:<36} {ref_s:>7.2f} {ours_s:>7.2f} {ours_s / ref_s:>6.2f} {ref_peak / GiB:>8.2f} "
+              f"{ours_peak / GiB:>9.2f} {ours_peak / ref_peak:>6.2f} "
+              f"{(ours_peak - grad_bytes) / (ref_peak - grad_bytes):>10.2f} {max_diff:>11.1e}", flush=True)
+        rows += [(f"{label}: time, {args.tokens} x {args.vocab}", f"{ours_s:.2f} s", f"{ref_s:.2f} s", ours_s / ref_s,
+                  "<= 1"),
+                 (f"{label}: peak memory", f"{ours_peak / GiB:.2f} GiB", f"{ref_peak / GiB:.2f} GiB",
+                  ours_peak / ref_peak, "<= 0.25"),
+                 (f"{label}: peak memory without the logits' gradient", f"{(ours_peak - grad_bytes) / GiB:.2f} GiB",
+                  f"{(ref_peak - grad_bytes) / GiB:.2f} GiB", (ours_peak - grad_bytes) / (ref_peak - grad_bytes), None)]
+    print("time, peak, peak-grad: ours / reference (lower is better; goal: peak <= 0.25 at time <= 1)")
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # the cue recovery module: prefill and per-token decode time with and without it
 
 def qwen3_vl_2b_shaped(tokenizer):
@@ -152,7 +215,7 @@ def synthetic_prompts(model, tokenizer, batch_size, grid, text_tokens, device):
 
 @torch.no_grad()
 def time_prefill_and_decode(model, batch, decode_steps):
-    """(prefill seconds, seconds per decoded token) of one round of the calls rollout.sample makes."""
+    """(prefill seconds, seconds per decoded token) of one round of the calls rollout.sample_completions makes."""
     from rollout import prompt_positions
     from transformers import DynamicCache
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
@@ -220,11 +283,11 @@ def bench_cue_recovery(args, device):
 # rollouts: our sampling loop against transformers' generate, same model, batch and tokens
 
 def bench_rollout(args, device):
-    """Greedy decoding of the same batch by rollout.sample and by model.generate (which must agree
-    token for token), timed in alternating rounds; new tokens per second, medians."""
+    """Greedy decoding of the same batch by rollout.sample_completions and by model.generate (which must
+    agree token for token), timed in alternating rounds; new tokens per second, medians."""
     from data import collate, eval_world, student_messages
     from model import load_model
-    from rollout import sample
+    from rollout import sample_completions
     if args.sink_model == "2b":
         raise SystemExit("--rollout times a tiny model (--sink_model=tiny or tiny-large): the 2B shapes have no tokenizer")
     model, processor = load_model(args.sink_model, device=device)
@@ -239,7 +302,8 @@ def bench_rollout(args, device):
             sync()
             start = time.perf_counter()
             if name == "ours":
-                ids = sample(model, processor, batch, greedy=True, max_new_tokens=args.decode_steps).completion_ids
+                ids = sample_completions(model, processor, batch, greedy=True,
+                                         max_new_tokens=args.decode_steps).completion_ids
             else:
                 ids = model.generate(**batch, max_new_tokens=args.decode_steps, do_sample=False)[:, width:]
             sync()
@@ -267,9 +331,6 @@ def bench_train_step(args, device):
     """A few ViCuR steps of train.py (batch --batch, rollouts of up to --decode_steps tokens) from a
     random tiny student (or --ckpt): the step's time split as train.py logs it (time_* per step), and
     completion tokens per second; the first step is left out as warm-up."""
-    import json
-    import os
-    import tempfile
     import train
     from model import load_model
     with tempfile.TemporaryDirectory() as folder:
@@ -291,98 +352,191 @@ def bench_train_step(args, device):
           f"{statistics.median(r['rollout_length'] * args.batch / r['step_time'] for r in steps):.0f} completion tokens/s")
     rows = []
     shares = [(part[5:], statistics.median(r.get(part, 0.0) for r in steps)) for part in parts]
-    for name, seconds in shares + [("other", step_time - sum(seconds for _, seconds in shares))]:
+    other = statistics.median(r["step_time"] - sum(r.get(part, 0.0) for part in parts) for r in steps)  # per step
+    for name, seconds in shares + [("other", other)]:
         print(f"  {name:<14} {seconds:>7.3f} s {100 * seconds / step_time:>6.1f}%")
         rows.append((f"training step ({args.batch} x up to {args.decode_steps} tokens): {name}", f"{seconds:.3f} s",
                      f"{step_time:.3f} s a step", seconds / step_time, "share of the step"))
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--top_k", type=int, default=100, help="K of topk_jsd")
-    parser.add_argument("--top_m", type=int, default=100, help="M of the teacher's top-M log-probs")
-    parser.add_argument("--chunk_size", type=int, default=None, help="rows per chunk (default: ours)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (median)")
-    parser.add_argument("--sink", action="store_true", help="time the cue recovery module instead")
-    parser.add_argument("--rollout", action="store_true", help="time rollout.sample against model.generate instead")
-    parser.add_argument("--train_step", action="store_true", help="split a ViCuR training step's time instead")
-    parser.add_argument("--all", action="store_true", help="all four in one run, then one table of ratios")
-    parser.add_argument("--ckpt", default="", help="--train_step: start from this checkpoint (default: random tiny)")
-    parser.add_argument("--sink_model", default="tiny", help="tiny | tiny-large | 2b (random, Qwen3-VL-2B shapes)")
-    parser.add_argument("--grid", type=int, default=32, help="2b: patches per image side (32 -> 256 visual tokens)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--decode_steps", type=int, default=32)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    if args.sink:
-        return bench_cue_recovery(args, device)
-    if args.rollout:
-        return bench_rollout(args, device)
-    if args.train_step:
-        return bench_train_step(args, device)
-    if not args.all:
-        return bench_divergences(args, device)
-    # everything in one run, each part at the size its README line uses
-    rows = bench_divergences(args, device)
-    rows += bench_rollout(argparse.Namespace(**{**vars(args), "batch": 8, "decode_steps": 32, "repeats": 5}), device)
-    rows += bench_train_step(argparse.Namespace(**{**vars(args), "batch": 16, "decode_steps": 96, "repeats": 5}), device)
-    rows += bench_cue_recovery(argparse.Namespace(**{**vars(args), "batch": 8, "decode_steps": 16, "repeats": 5}), device)
+# ---------------------------------------------------------------------------
+# --all: every part from the same state, and the check that its rows match the parts run alone
+
+# name: (function, the sizes --all runs it at): those of its README line, with more rounds where they
+# are cheap (seconds): with 5, two runs of the cue module's decode ratio came out 25% apart, and two
+# training steps' shares 0.16 and 0.13
+PARTS = {
+    "divergences": (bench_divergences, {}),
+    "rollout": (bench_rollout, {"batch": 8, "decode_steps": 32, "repeats": 15}),
+    "train_step": (bench_train_step, {"batch": 16, "decode_steps": 96, "repeats": 10}),
+    "sink": (bench_cue_recovery, {"batch": 8, "decode_steps": 16, "repeats": 15}),
+}
+SIZE_FLAGS = ("tokens", "vocab", "top_k", "top_m", "chunk_size", "repeats", "ckpt", "sink_model", "grid", "batch",
+              "decode_steps")
+ROW_FIELDS = ("what", "ours", "reference", "ratio", "goal")
+TOLERANCE = 0.15  # --check: the largest relative difference between a row in --all and alone
+
+
+@contextlib.contextmanager
+def fresh_state(seed=0):
+    """Run a part from the state `python bench.py --<part>` starts in, and leave that state behind:
+    the thread count as it was (train.py sets its own, os.cpu_count() // world size, which is not
+    torch's default under taskset, a container's CPU limit, OMP_NUM_THREADS or SMT), torch seeded
+    (the 2b model's random weights and every random input), earlier parts' models and heap freed."""
+    threads = torch.get_num_threads()
+    gc.collect()                                        # models left in reference cycles
+    ctypes.CDLL("libc.so.6").malloc_trim(0)             # their freed heap back to the OS
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:          # only then: setting it also resets MKL's and oneDNN's
+            torch.set_num_threads(threads)
+
+
+def part_args(name, args):
+    """The options part `name` runs with in --all: the command line's, with the part's sizes over them."""
+    return argparse.Namespace(**{**vars(args), **PARTS[name][1]})
+
+
+def run_all(args, device):
+    """Every part in this process, each from a fresh state -> all their rows."""
+    rows = []
+    for name, (bench_part, _) in PARTS.items():
+        with fresh_state():
+            rows += bench_part(part_args(name, args), device)
+    return rows
+
+
+def part_command(name, args, json_path):
+    """The command line that runs part `name` alone at --all's sizes and writes its rows to json_path."""
+    options = vars(part_args(name, args))
+    flags = [f"--{key}={options[key]}" for key in SIZE_FLAGS if options[key] is not None]
+    part_flag = [] if name == "divergences" else [f"--{name}"]  # the divergences run when no part is named
+    return [sys.executable, os.path.abspath(__file__), *part_flag, *flags, f"--json={json_path}"]
+
+
+def rows_alone(args):
+    """Each part run alone in a fresh process, at --all's sizes -> {what: ratio} of all their rows."""
+    ratios = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in PARTS:
+            json_path = os.path.join(folder, f"{name}.json")
+            command = part_command(name, args, json_path)
+            print(f"alone: {' '.join(command[1:-1])}", flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(json_path) as f:
+                ratios |= {row["what"]: row["ratio"] for row in json.load(f)}
+    return ratios
+
+
+def agree(ratio_all, ratio_alone):
+    """Within TOLERANCE of the larger of the two; ratios under 0.2 (a share of the step, the peak without
+    the gradient) on the scale of 0.2, as 0.03 of a step or of the reference's peak is run-to-run noise."""
+    return abs(ratio_all - ratio_alone) <= TOLERANCE * max(abs(ratio_all), abs(ratio_alone), 0.2)
+
+
+def cpu_seconds():
+    """(seconds the machine's CPUs were busy, seconds this process and its finished children ran, wall clock)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _, _, irq, softirq, steal = (int(n) for n in stat.readline().split()[1:9])
+    own = os.times()
+    return ((user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+            own.user + own.system + own.children_user + own.children_system, time.perf_counter())
+
+
+def share_of_others(start):
+    """The share of the machine's CPU time other processes (and the hypervisor) took since `start`,
+    a cpu_seconds(): with more runnable threads than cores each OpenMP barrier waits out a time slice,
+    so the small ops of a tiny model slow many times over, and unevenly."""
+    busy, own, wall = (now - then for now, then in zip(cpu_seconds(), start))
+    return max(0.0, busy - own) / (wall * os.cpu_count())
+
+
+def check_against_alone(rows, args, others_during_all):
+    """Print each row's ratio in --all beside the same part's alone, and how busy other processes kept the
+    machine meanwhile; exit 1 when any row differs by more than TOLERANCE."""
+    start = cpu_seconds()
+    alone = rows_alone(args)
+    others_during_alone = share_of_others(start)
+    print(f"\n| measurement | --all | alone | agree within {TOLERANCE:.0%} |\n|---|---|---|---|")
+    differing = []
+    for what, _, _, ratio, _ in rows:
+        agrees = agree(ratio, alone[what])
+        differing += [] if agrees else [what]
+        print(f"| {what} | {ratio:.2f} | {alone[what]:.2f} | {'yes' if agrees else '**no**'} |")
+    print(f"other processes took {others_during_all:.0%} of the CPUs during --all, {others_during_alone:.0%} during "
+          f"the runs alone")
+    if differing:
+        busiest = max(others_during_all, others_during_alone)
+        cause = (f"other processes took up to {busiest:.0%} of the CPUs: rerun on an idle machine" if busiest > 0.1
+                 else "the machine was idle: rerun (--repeats=3 takes the divergences' medians) to tell a part's "
+                      "run-to-run noise from a part disturbing the next")
+        raise SystemExit(f"--check: {len(differing)} of {len(rows)} rows differ between --all and the part alone by "
+                         f"more than {TOLERANCE:.0%}: {differing}; {cause}")
+    print(f"--check: all {len(rows)} rows of --all agree with the parts run alone within {TOLERANCE:.0%}")
+
+
+def print_table(rows, device):
+    """The rows as one markdown table of ratios."""
     print(f"\n| measurement ({device}) | ours | reference | ratio | goal |\n|---|---|---|---|---|")
     for what, ours, reference, ratio, goal in rows:
-        print(f"| {what} | {ours} | {reference} | {ratio:.2f} | {goal} |")
+        print(f"| {what} | {ours} | {reference} | {ratio:.2f} | {goal or ''} |")
 
 
-def bench_divergences(args, device):
-    """Each divergence, forward + backward, ours against the float32 full-materialisation reference."""
-    _, one_gib = peak_memory_of(lambda: torch.ones(GiB // 4, device=device).sum(), device)
-    print(f"device {device}; memory check: a 1 GiB tensor reads as {one_gib / GiB:.3f} GiB")
+def write_rows(rows, path):
+    """The rows as a JSON list of {what, ours, reference, ratio, goal} (goal null where there is none)."""
+    with open(path, "w") as f:
+        json.dump([dict(zip(ROW_FIELDS, row)) for row in rows], f, indent=1)
 
-    student = (torch.randn(args.tokens, args.vocab, device=device) * 2).requires_grad_()  # (N, V) fp32
-    teacher = torch.randn(args.tokens, args.vocab, device=device) * 2  # (N, V)
-    # teacher's top-M as a server would return it: M distinct ids, log-probs summing to 0.9
-    offsets = torch.randint(args.vocab, (args.tokens, 1), device=device)
-    top_ids = (offsets + torch.arange(args.top_m, device=device) * (args.vocab // args.top_m)) % args.vocab
-    top_logprobs = torch.log_softmax(torch.randn(args.tokens, args.top_m, device=device) * 2, -1) + torch.tensor(0.9).log()
-    teacher_top = (top_logprobs, top_ids)
-    gc.collect()
-    grad_bytes = student.numel() * student.element_size()
 
-    cases = [  # (label, kind, teacher, kwargs)
-        ("fkl", "fkl", teacher, {}),
-        ("rkl", "rkl", teacher, {}),
-        ("jsd", "jsd", teacher, {}),
-        (f"topk_jsd K={args.top_k}", "topk_jsd", teacher, {"top_k": args.top_k}),
-        (f"topk_jsd K={args.top_k}, teacher top-M={args.top_m}", "topk_jsd", teacher_top, {"top_k": args.top_k}),
-    ]
-    print(f"{args.tokens} tokens x V={args.vocab}, fp32 logits ({grad_bytes / GiB:.2f} GiB each), "
-          f"chunk_size={args.chunk_size or 'default'}, median of {args.repeats} run(s); "
-          f"peak = memory above the inputs during forward+backward, incl. the logits' gradient")
-    header = (f"{'case':<36} {'ref s':>7} {'ours s':>7} {'time':>6} {'ref GiB':>8} {'ours GiB':>9} "
-              f"{'peak':>6} {'peak-grad':>10} {'max |diff|':>11}")
-    print(header)
-    print("-" * len(header))
-    rows = []
-    for label, kind, teacher_input, kwargs in cases:
-        ref_s, ref_peak, ref_values = measure(
-            lambda s: reference_divergence(s, teacher_input, kind, **kwargs), student, args.repeats, device)
-        ours_s, ours_peak, ours_values = measure(
-            lambda s: divergence(s, teacher_input, kind, chunk_size=args.chunk_size, **kwargs), student, args.repeats, device)
-        max_diff = (ours_values - ref_values).abs().max().item()
-        print(f"{label:<36} {ref_s:>7.2f} {ours_s:>7.2f} {ours_s / ref_s:>6.2f} {ref_peak / GiB:>8.2f} "
-              f"{ours_peak / GiB:>9.2f} {ours_peak / ref_peak:>6.2f} "
-              f"{(ours_peak - grad_bytes) / (ref_peak - grad_bytes):>10.2f} {max_diff:>11.1e}", flush=True)
-        rows += [(f"{label}: time, {args.tokens} x {args.vocab}", f"{ours_s:.2f} s", f"{ref_s:.2f} s", ours_s / ref_s,
-                  "<= 1"),
-                 (f"{label}: peak memory", f"{ours_peak / GiB:.2f} GiB", f"{ref_peak / GiB:.2f} GiB",
-                  ours_peak / ref_peak, "<= 0.25"),
-                 (f"{label}: peak memory without the logits' gradient", f"{(ours_peak - grad_bytes) / GiB:.2f} GiB",
-                  f"{(ref_peak - grad_bytes) / GiB:.2f} GiB", (ours_peak - grad_bytes) / (ref_peak - grad_bytes), "")]
-    print("time, peak, peak-grad: ours / reference (lower is better; goal: peak <= 0.25 at time <= 1)")
-    return rows
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:3]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048, help="divergences: tokens (rows of the logits)")
+    parser.add_argument("--vocab", type=int, default=151936, help="divergences: vocabulary size (columns)")
+    parser.add_argument("--top_k", type=int, default=100, help="divergences: K of topk_jsd")
+    parser.add_argument("--top_m", type=int, default=100, help="divergences: M of the teacher's top-M log-probs")
+    parser.add_argument("--chunk_size", type=int, default=None, help="divergences: rows per chunk (default: ours)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per case, median (--sink, --rollout: at least 5; --train_step: at least 3)")
+    parser.add_argument("--sink", action="store_true", help="time the cue recovery module instead")
+    parser.add_argument("--rollout", action="store_true",
+                        help="time rollout.sample_completions against model.generate instead")
+    parser.add_argument("--train_step", action="store_true", help="split a ViCuR training step's time instead")
+    parser.add_argument("--all", action="store_true", help="all four in one run, then one table of ratios")
+    parser.add_argument("--check", action="store_true",
+                        help=f"--all, then each part alone in a fresh process at the same sizes: a table of both "
+                             f"ratios per row; exit 1 when one differs by more than {100 * TOLERANCE:.0f} percent")
+    parser.add_argument("--json", default="", help="also write the rows to this file: [{what, ours, reference, "
+                                                   "ratio, goal}], goal null where there is none")
+    parser.add_argument("--ckpt", default="", help="--train_step: start from this checkpoint (default: random tiny)")
+    parser.add_argument("--sink_model", default="tiny",
+                        help="--sink, --rollout: tiny | tiny-large | 2b (random, Qwen3-VL-2B shapes; --sink only)")
+    parser.add_argument("--grid", type=int, default=32, help="--sink 2b: patches per image side (32 -> 256 visual tokens)")
+    parser.add_argument("--batch", type=int, default=8, help="--sink, --rollout, --train_step: prompts per batch")
+    parser.add_argument("--decode_steps", type=int, default=32,
+                        help="--sink, --rollout: tokens decoded; --train_step: the rollouts' most new tokens")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.all or args.check:
+        start = cpu_seconds()
+        rows = run_all(args, device)
+        print_table(rows, device)
+        others_during_all = share_of_others(start)
+    else:
+        name = next((name for name in ("sink", "rollout", "train_step") if getattr(args, name)), "divergences")
+        with fresh_state():
+            rows = PARTS[name][0](args, device)
+    if args.json:
+        write_rows(rows, args.json)
+    if args.check:
+        check_against_alone(rows, args, others_during_all)
 
 
 if __name__ == "__main__":
