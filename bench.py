@@ -492,6 +492,7 @@ def write_rows(rows, path):
 
 
 def parse_args(argv):
+    """The command line (None: sys.argv) -> its options; --help lists each with its meaning."""
     parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:3]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048, help="divergences: tokens (rows of the logits)")
@@ -522,6 +523,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """One part (the divergences unless --sink, --rollout or --train_step), or --all's table, then --check."""
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.all or args.check:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import cue_recovery
-from data import collate, model_inputs, student_messages, to_device, user_message
+from data import collate, model_inputs, student_messages, to_device, user_message, validation_world
 from divergences import divergence, entropy, token_logprobs
 from evaluate import score_sample
 from rollout import sample_completions
@@ -250,6 +250,25 @@ def exact_gap(student, teacher, processor, prompts, privilege, max_length, max_n
     resampled = kl_sums[picks].sum(1) / token_counts[picks].sum(1).clamp_min(1)
     return {"gap": (kl_sums.sum() / token_counts.sum().clamp_min(1)).item(), "gap_se": resampled.std().item(),
             "reward": rewards.mean().item(), "reward_se": (rewards.std() / len(rewards) ** 0.5).item()}
+
+
+def gap_prompts(config, samples):
+    """The fixed prompts of the exact distillation gap: the embedded world's validation split (never
+    the evaluation set); user data has none, so its first training prompts."""
+    return validation_world(config.gap_prompts, seed=config.seed) if not config.data else samples[:config.gap_prompts]
+
+
+def measure_gap(model, teacher, processor, prompts, privilege, config):
+    """distill.exact_gap with this run's lengths and seed (the same rollouts' seeds before and after)."""
+    return exact_gap(model, teacher, processor, prompts, privilege, config.max_length, config.max_new_tokens,
+                     rollouts=config.gap_rollouts, seed=config.seed, batch_size=config.eval_batch_size)
+
+
+def gap_line(before, after):
+    """The exact gap and the sampled reward, before -> after, with standard errors."""
+    return (f"exact distillation gap KL(student || teacher), nats a token: {before['gap']:.5f} ± {before['gap_se']:.5f} "
+            f"-> {after['gap']:.5f} ± {after['gap_se']:.5f}; sampled reward {before['reward']:.3f} ± "
+            f"{before['reward_se']:.3f} -> {after['reward']:.3f} ± {after['reward_se']:.3f}")
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ import cli
 import cue_recovery
 from checkpoint import load_train_state, save_checkpoint, saved_run
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
-                  to_device, validation_world, EVAL_SAMPLES)
-from distill import (check_same_tokenizer, exact_gap, hint_text, microbatch_loss, rollout_completions,
-                     teacher_messages, timed)
+                  to_device, EVAL_SAMPLES)
+from distill import (check_same_tokenizer, gap_line, gap_prompts, hint_text, measure_gap, microbatch_loss,
+                     rollout_completions, teacher_messages, timed)
 from evaluate import evaluate, write_evaluation
 from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
 from optim import FlatAdamW
@@ -473,18 +473,6 @@ def evaluation_settings(config):
     return dict(batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
 
 
-def gap_prompts(config, samples):
-    """The fixed prompts of the exact distillation gap: the embedded world's validation split (never
-    the evaluation set); user data has none, so its first training prompts."""
-    return validation_world(config.gap_prompts, seed=config.seed) if not config.data else samples[:config.gap_prompts]
-
-
-def measure_gap(model, teacher, processor, prompts, privilege, config):
-    """distill.exact_gap with this run's lengths and seed (the same rollouts' seeds before and after)."""
-    return exact_gap(model, teacher, processor, prompts, privilege, config.max_length, config.max_new_tokens,
-                     rollouts=config.gap_rollouts, seed=config.seed, batch_size=config.eval_batch_size)
-
-
 def describe_teacher(teacher, samples, config):
     """Rank 0, before distilling: who the teacher is and what it sees -> the privilege."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
@@ -495,13 +483,6 @@ def describe_teacher(teacher, samples, config):
         print(f"note: {lacking} of {len(samples)} training samples have no {privilege}; "
               f"for them the teacher sees the student's prompt")
     return privilege
-
-
-def gap_line(before, after):
-    """The exact gap and the sampled reward, before -> after, with standard errors."""
-    return (f"exact distillation gap KL(student || teacher), nats a token: {before['gap']:.5f} ± {before['gap_se']:.5f} "
-            f"-> {after['gap']:.5f} ± {after['gap_se']:.5f}; sampled reward {before['reward']:.3f} ± "
-            f"{before['reward_se']:.3f} -> {after['reward']:.3f} ± {after['reward_se']:.3f}")
 
 
 def finish(model, teacher, processor, eval_samples, config, world_size, notes, seconds, extra=None):
