@@ -343,14 +343,14 @@ def interval_lines(records, before_records=None):
     difference to an earlier evaluation of the same samples -> ({name: [value, se]}, text)."""
     found, lines = {}, []
     for domain in ("in-domain", "out-of-domain"):
-        for name, against in ((domain, None), (f"delta {domain}", before_records)):
-            if name.startswith("delta") and against is None:
-                continue
-            interval = macro_interval(records, domain, against)
-            if interval:
-                found[name] = list(interval)
-                lines.append(f"{name}: {100 * interval[0]:+.1f} ± {196 * interval[1]:.1f} (95%)" if against
-                             else f"{name} average: {100 * interval[0]:.1f} ± {196 * interval[1]:.1f} (95%)")
+        interval = macro_interval(records, domain)
+        if interval:
+            found[domain] = list(interval)
+            lines.append(f"{domain} average: {100 * interval[0]:.1f} ± {196 * interval[1]:.1f} (95%)")
+        delta = macro_interval(records, domain, before_records) if before_records is not None else None
+        if delta:
+            found[f"delta {domain}"] = list(delta)
+            lines.append(f"delta {domain}: {100 * delta[0]:+.1f} ± {196 * delta[1]:.1f} (95%)")
     return found, "; ".join(lines)
 
 
@@ -391,7 +391,7 @@ def write_evaluation(model, processor, samples, out, batch_size=64, max_new_toke
     if diagnostic_messages is not None:
         columns["diagnostic: + cue hint"] = evaluate(model, processor, samples, messages_fn=diagnostic_messages,
                                                      **settings)
-    records = {name: results.pop("records") for name, results in columns.items()}[STUDENT]
+    records = [results.pop("records") for results in columns.values()][0]    # the student's answers
     results = {**columns[STUDENT], "settings": "paper (sampled)" if sampling else "greedy", **(extra or {})}
     diagnostics = {name: r for name, r in columns.items() if name.startswith("diagnostic")}
     if diagnostics:
@@ -433,10 +433,13 @@ class EvalConfig:
 USAGE = "python evaluate.py --ckpt=DIR|MODEL_ID [--key=value ...]   (python tables.py: the paper's tables)"
 
 
+def has_weights(folder):
+    return any(name.endswith(".safetensors") for name in os.listdir(folder))
+
+
 def checkpoint_folder(path):
     """A checkpoint folder as given, or a run folder (train.py's out_dir, with no weights of its own)
     -> its ckpt/; a hub id as given."""
-    has_weights = lambda folder: any(f.endswith(".safetensors") for f in os.listdir(folder))  # noqa: E731
     if os.path.isdir(path) and not has_weights(path) and os.path.isdir(os.path.join(path, "ckpt")):
         return os.path.join(path, "ckpt")
     return path
@@ -453,7 +456,7 @@ def main(argv):
         sys.exit(f"error: --dtype expects float32 or bfloat16, got '{config.dtype}'")
     import benchmarks  # its loaders read answers with this file's normalisation, so it imports this file
     ckpt = checkpoint_folder(os.path.expanduser(config.ckpt))
-    if os.path.isdir(ckpt) and not any(f.endswith(".safetensors") for f in os.listdir(ckpt)):
+    if os.path.isdir(ckpt) and not has_weights(ckpt):
         sys.exit(f"error: {ckpt} holds no model weights (*.safetensors); pass a checkpoint folder (a run's "
                  f"ckpt/, e.g. --ckpt=out/default/ckpt) or a run folder")
     model, processor = load_model(ckpt, dtype=getattr(torch, config.dtype), device=config.device)

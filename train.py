@@ -169,6 +169,11 @@ def init_distributed(config):
     return dist.get_rank(), dist.get_world_size()
 
 
+def collective_device():
+    """Where a collective's tensor must live: the GPU under nccl, which serves only CUDA tensors."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
 def add_metric(metrics, name, mean, weight):
     """Accumulate a weighted mean: metrics[name] = [sum of mean * weight, sum of weight]."""
     total = metrics.setdefault(name, [0.0, 0.0])
@@ -184,18 +189,16 @@ def reduce_metrics(metrics, names, world_size):
     assert set(metrics) <= set(names), f"metrics {sorted(set(metrics) - set(names))} are not in the mode's names"
     sums = torch.tensor([metrics.get(name, [0.0, 0.0]) for name in names], dtype=torch.float64)  # (M, 2)
     if world_size > 1:
-        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-        sums = sums.to(device)
+        sums = sums.to(collective_device())
         dist.all_reduce(sums)
     return {name: total / weight for name, (total, weight) in zip(names, sums.tolist()) if weight > 0}
 
 
 def all_reduce_mean(value, world_size):
-    """The mean over ranks of a Python number (on the GPU under nccl, which serves only CUDA tensors)."""
+    """The mean over ranks of a Python number."""
     if world_size == 1:
         return value
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.item() / world_size
 
@@ -352,7 +355,8 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
         drawn = [draw_rollouts(student, processor, samples, step * config.grad_accum + micro, rank, world_size, config)
                  for micro in range(config.grad_accum)]
     # token-mean: N = the step's completion tokens; seq-mean: N = its sequences (each weighs 1 in total)
-    units = lambda rollout: int(rollout.completion_mask.sum() if config.loss_agg == "token-mean" else len(rollout.texts))  # noqa: E731
+    def units(rollout):
+        return int(rollout.completion_mask.sum()) if config.loss_agg == "token-mean" else len(rollout.texts)
     with timed(times, "communication"):
         total = all_reduce_mean(float(sum(units(r) for _, r, _ in drawn)), world_size) * world_size
     metrics = {}
