@@ -7,11 +7,16 @@ The teacher sees the student's prompt plus one privileged slot after the questio
     rationale  the reference reasoning, answer included (OPSD's variant)
     cues       the visual cue: where the question-relevant objects are, never the answer (ViCuR)
     cues+crops the cue text plus crops of the cue's boxes as extra images (crop privilege)
+    unrelated_cues  a control: the cue of another sample of the same family (unrelated_cues)
+    hints      PTD-PO's tutoring hint: where to look and the first reasoning steps, no answer
 """
 
+import dataclasses
 import math
+import random
 import re
 import time
+from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -20,10 +25,10 @@ from PIL import Image
 import cue_recovery
 from data import collate, model_inputs, student_messages, to_device, user_message, validation_world
 from divergences import divergence, entropy, token_logprobs
-from evaluate import score_sample
+from evaluate import evaluate, macro_interval, score_sample
 from rollout import sample_completions
 
-PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops", "hints"]
+PRIVILEGES = ["none", "answer", "rationale", "cues", "cues+crops", "unrelated_cues", "hints"]
 
 
 def hint_text(sample, privilege):
@@ -32,7 +37,7 @@ def hint_text(sample, privilege):
         return sample.answer
     if privilege == "rationale":
         return sample.rationale
-    if privilege in ("cues", "cues+crops"):
+    if privilege in ("cues", "cues+crops", "unrelated_cues"):  # unrelated: after unrelated_cues swapped them
         return sample.cue
     if privilege == "hints":
         return tutoring_hint(sample)
@@ -61,6 +66,23 @@ def tutoring_hint(sample):
             steps.append(sentence)
     parts = ([f"look at : {where}"] if where else []) + ([" . ".join(steps)] if steps else [])
     return " . ".join(parts) if parts else None
+
+
+def unrelated_cues(samples, seed):
+    """The unrelated-hint control (arXiv 2608.09228 finds an unrelated solution does as well as OPSD):
+    each sample's cue replaced by the cue of another sample of the same family, by a seeded cycle
+    through the family, so that the hint has the right form and says nothing true of this image. The
+    boxes stay the sample's own (cue recall asks whether the student finds its own evidence)."""
+    rng, by_task = random.Random(seed), defaultdict(list)
+    for index, sample in enumerate(samples):
+        if sample.cue:
+            by_task[sample.task].append(index)
+    swapped = list(samples)
+    for indices in by_task.values():
+        order = rng.sample(indices, len(indices))
+        for mine, other in zip(order, order[1:] + order[:1]):  # each takes the next one's cue (its own only if alone)
+            swapped[mine] = dataclasses.replace(samples[mine], cue=samples[other].cue)
+    return swapped
 
 
 def pixel_box(box):
@@ -218,10 +240,11 @@ def exact_gap(student, teacher, processor, prompts, privilege, max_length, max_n
     vocabulary, a mean over the completion tokens of the student's own samples (`rollouts` seeded
     samples at temperature 1 for each fixed prompt; the teacher under its own context x_T), with a
     bootstrap standard error over prompts; and the sampled reward of the same rollouts with its
-    standard error. -> {"gap", "gap_se", "reward", "reward_se"}."""
+    standard error, and the student's entropy H(pi_S) on them (a token mean, bootstrap SE).
+    -> {"gap", "gap_se", "entropy", "entropy_se", "reward", "reward_se"}."""
     was_training = student.training
     student.eval()
-    kl_sums, token_counts, rewards = [], [], []
+    kl_sums, entropy_sums, token_counts, rewards = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         batch = to_device(collate(processor, [student_messages(s) for s in chunk], max_length=max_length - max_new_tokens),
@@ -236,26 +259,34 @@ def exact_gap(student, teacher, processor, prompts, privilege, max_length, max_n
         student_logits, _ = completion_logits(student, to_device(student_batch, student.device))
         kl = divergence(student_logits, teacher_token_logits, "rkl").double().cpu()   # (N,) KL(p_S || p_T) per token
         per_row = kl.split([len(c) for c in completions])
+        entropy_per_row = entropy(student_logits).double().cpu().split([len(c) for c in completions])  # H(p_S)
         for i in range(len(chunk)):
-            mine = per_row[i * rollouts:(i + 1) * rollouts]
-            kl_sums.append(sum(r.sum().item() for r in mine))
-            token_counts.append(sum(len(r) for r in mine))
+            mine = slice(i * rollouts, (i + 1) * rollouts)
+            kl_sums.append(sum(r.sum().item() for r in per_row[mine]))
+            entropy_sums.append(sum(r.sum().item() for r in entropy_per_row[mine]))
+            token_counts.append(sum(len(r) for r in per_row[mine]))
             rewards.append(sum(score_sample(t, chunk[i]) for t in rollout.texts[i * rollouts:(i + 1) * rollouts])
                            / rollouts)
     student.train(was_training)
-    kl_sums, token_counts = torch.tensor(kl_sums, dtype=torch.float64), torch.tensor(token_counts, dtype=torch.float64)
-    rewards = torch.tensor(rewards, dtype=torch.float64)
+    kl_sums, entropy_sums, token_counts, rewards = (torch.tensor(v, dtype=torch.float64)
+                                                    for v in (kl_sums, entropy_sums, token_counts, rewards))
     # bootstrap over prompts: resample prompts with replacement, the token-weighted mean of each resample
     picks = torch.randint(len(prompts), (resamples, len(prompts)), generator=torch.Generator().manual_seed(seed))
-    resampled = kl_sums[picks].sum(1) / token_counts[picks].sum(1).clamp_min(1)
-    return {"gap": (kl_sums.sum() / token_counts.sum().clamp_min(1)).item(), "gap_se": resampled.std().item(),
+    token_mean = lambda sums: (sums.sum() / token_counts.sum().clamp_min(1)).item()  # noqa: E731
+    bootstrap_se = lambda sums: (sums[picks].sum(1) / token_counts[picks].sum(1).clamp_min(1)).std().item()  # noqa: E731
+    return {"gap": token_mean(kl_sums), "gap_se": bootstrap_se(kl_sums),
+            "entropy": token_mean(entropy_sums), "entropy_se": bootstrap_se(entropy_sums),
             "reward": rewards.mean().item(), "reward_se": (rewards.std() / len(rewards) ** 0.5).item()}
 
 
 def gap_prompts(config, samples):
     """The fixed prompts of the exact distillation gap: the embedded world's validation split (never
-    the evaluation set); user data has none, so its first training prompts."""
-    return validation_world(config.gap_prompts, seed=config.seed) if not config.data else samples[:config.gap_prompts]
+    the evaluation set); user data has none, so its first training prompts (for the unrelated-cue
+    control, already swapped by train.setup)."""
+    if config.data:
+        return samples[:config.gap_prompts]
+    prompts = validation_world(config.gap_prompts, seed=config.seed)
+    return unrelated_cues(prompts, config.seed) if config.privilege == "unrelated_cues" else prompts
 
 
 def measure_gap(model, teacher, processor, prompts, privilege, config):
@@ -269,6 +300,47 @@ def gap_line(before, after):
     return (f"exact distillation gap KL(student || teacher), nats a token: {before['gap']:.5f} ± {before['gap_se']:.5f} "
             f"-> {after['gap']:.5f} ± {after['gap_se']:.5f}; sampled reward {before['reward']:.3f} ± "
             f"{before['reward_se']:.3f} -> {after['reward']:.3f} ± {after['reward_se']:.3f}")
+
+
+# the testbed's criteria (issue 16): room for every kind of teacher, in points of the in-domain average on
+# the validation split, fixed before any distillation result was looked at. name: (row, minus row, at least)
+HEADROOM = {"base - majority answer": ("base", "majority answer", 15.0),
+            "base + cue hint - base": ("base + cue hint", "base", 12.0),
+            "base + answer hint - base": ("base + answer hint", "base", 0.0),  # above the base: more than 0
+            "stronger teacher - base": ("stronger teacher", "base", 10.0)}
+
+
+def headroom(model, processor, samples, teacher=None, **settings):
+    """What the testbed leaves each kind of teacher to teach, on (validation) samples, greedy: the
+    in-domain average of the base (image + question), of the same model given the cue hint and the
+    answer hint, of a stronger teacher when given, and of the majority answer; then each criterion of
+    HEADROOM as a paired difference on the same samples with its standard error (evaluate.macro_interval)
+    and whether its estimate reaches the bound. -> ({"rows", "criteria", "samples"}, text)."""
+    settings = {"progress": False, **settings}
+    runs = {"base": evaluate(model, processor, samples, **settings),
+            "base + cue hint": evaluate(model, processor, samples, messages_fn=lambda s: teacher_messages(s, "cues"),
+                                        **settings),
+            "base + answer hint": evaluate(model, processor, samples,
+                                           messages_fn=lambda s: teacher_messages(s, "answer"), **settings)}
+    if teacher is not None:
+        runs["stronger teacher"] = evaluate(teacher, processor, samples, **settings)
+    rows = {name: 100 * r["in_domain_avg"] for name, r in runs.items()}
+    rows["majority answer"] = 100 * runs["base"]["baseline"]["in_domain_avg"]
+    criteria, lines = {}, []
+    for name, (row, minus, bound) in HEADROOM.items():
+        if row not in runs:
+            continue
+        if minus in runs:
+            value, se = (100 * v for v in macro_interval(runs[row]["records"], "in-domain", runs[minus]["records"]))
+        else:  # the majority answer is a constant of the samples
+            value, se = rows[row] - rows[minus], 100 * macro_interval(runs[row]["records"], "in-domain")[1]
+        met = value > bound if bound == 0 else value >= bound
+        criteria[name] = {"value": value, "se": se, "at_least": bound, "met": met}
+        lines.append(f"  {name:<28} {value:+6.1f} ± {1.96 * se:.1f} (95%)   needs {'>' if bound == 0 else '>='} "
+                     f"{bound:g}: {'met' if met else 'NOT met'}")
+    text = (f"headroom on {len(samples)} validation samples (in-domain average, greedy): "
+            + ", ".join(f"{name} {value:.1f}" for name, value in rows.items()) + "\n" + "\n".join(lines))
+    return {"rows": rows, "criteria": criteria, "samples": len(samples)}, text
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 import cli
 import cue_recovery
-from data import BENCHMARKS, EVAL_SAMPLES, FAMILIES, OUT_OF_DOMAIN, collate, eval_world, load_jsonl, student_messages, to_device
+from data import (BENCHMARKS, EVAL_SAMPLES, FAMILIES, OUT_OF_DOMAIN, VALIDATION_SAMPLES, collate, eval_world, load_jsonl,
+                  student_messages, to_device, validation_world)
 from model import load_model
 from rollout import sample_completions
 
@@ -420,11 +421,15 @@ class EvalConfig:
     only: str = ""                   # with --benchmarks: these benchmarks only, comma-separated
     limit: int = 0                   # with --benchmarks: the first N samples of each; 0 = all
     paper_settings: bool = False     # the paper's sampling, system prompt and image sizes (else greedy)
-    num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (250 a family)
+    num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (400 a family)
+    split: str = "eval"              # embedded world: eval (all seven families) | validation (in-domain, its own
+                                     # seeds: what learning rates are chosen on; 2,000 samples)
+    headroom: bool = False           # embedded world: the testbed's headroom criteria on the validation split
+    teacher: str = ""                # with --headroom: the stronger teacher of its last criterion
     seed: int = 0                    # the embedded world's seed, and the sampling seed
-    batch_size: int = 64             # prompts per batch
+    batch_size: int = 256            # prompts per batch
     max_new_tokens: int = 0          # longest answer; 0 = 96, or the paper's 4,096 with --paper_settings
-    out: str = ""                    # the results file; empty = CKPT/eval.json (eval.json for a hub id)
+    out: str = ""                    # the results file; empty = CKPT/eval.json (headroom.json with --headroom)
     heatmaps: int = 0                # draw the sink's attention over this many images (a ViCuR checkpoint)
     device: str = "cpu"              # cpu or cuda
     dtype: str = "float32"           # float32 or bfloat16
@@ -473,9 +478,24 @@ def main(argv):
         samples = [s for n in names for s in benchmarks.load_benchmark(n, config.benchmarks, config.limit or None)]
     elif config.data:
         samples, _ = load_jsonl(config.data)
-    else:
+    elif config.split == "validation":
+        samples = validation_world(VALIDATION_SAMPLES, seed=config.seed)
+    elif config.split == "eval":
         samples = eval_world(config.num_eval, seed=config.seed)
-    out = config.out or (os.path.join(ckpt, "eval.json") if os.path.isdir(ckpt) else "eval.json")
+    else:
+        sys.exit(f"error: --split expects eval or validation, got '{config.split}'")
+    name = "headroom.json" if config.headroom else "eval.json"
+    out = config.out or (os.path.join(ckpt, name) if os.path.isdir(ckpt) else name)
+    if config.headroom:
+        import distill  # it scores with this file, so it imports this file
+        teacher = load_model(checkpoint_folder(config.teacher), dtype=getattr(torch, config.dtype),
+                             device=config.device)[0] if config.teacher else None
+        results, text = distill.headroom(model, processor, validation_world(VALIDATION_SAMPLES, seed=config.seed),
+                                         teacher, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens or 96)
+        print(text)
+        with open(out, "w") as f:
+            json.dump({**results, "ckpt": config.ckpt, "teacher": config.teacher}, f, indent=2)
+        return print(f"wrote {out}")
     results, _ = write_evaluation(
         model, processor, samples, out, config.batch_size,
         config.max_new_tokens or (benchmarks.PAPER_MAX_NEW_TOKENS if paper else 96),

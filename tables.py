@@ -1,7 +1,10 @@
-"""The paper's tables on the embedded world: every row x seed through train.py (as subprocesses, a few
-at a time), then tables.md (mean ± sd over seeds, the paired difference to Base) and the curves.
+"""The paper's tables on the embedded world, by the protocol of docs/testbed.md: every row through
+train.py (subprocesses, a few at a time) at each rate of one learning-rate grid on the first seed,
+each row's rate chosen on the validation split, the other seeds at that rate; then tables.md (the
+grid, mean ± sd over seeds, the paired difference to Base pooled over seeds with its 95% interval,
+the exact gap, the verdicts on the paper's claims and the sanity properties) and the curves.
 
-    python tables.py --out=out/tables --init_from=out/default/sft/ckpt --max_steps=60
+    python tables.py --out=out/tables --init_from=out/default/sft/ckpt
 
 Any flag tables.py does not know is a train.py flag, given to every run. `python evaluate.py
 --tables=FOLDER ...` is the same command.
@@ -21,12 +24,14 @@ from tqdm import tqdm
 
 import cli
 from data import EVAL_SAMPLES
-from evaluate import family_order
+from evaluate import family_order, macro_interval
+from train import Config
 
 
-SFT_RECIPE = "--mode=sft --max_steps=1600 --lr=1e-3 --warmup_steps=50"                   # the default run's SFT stage
-TEACHER_RECIPE = f"{SFT_RECIPE} --student=tiny-large"  # OPD's bigger teacher, the same recipe
-GROUPS = "--batch_size=2 --num_rollouts=8"  # GRPO and PTD-PO: 2 prompts x 8 rollouts = the 16 completions a step
+SFT_RECIPE = "--mode=sft --lr=1e-3 --warmup_steps=50"    # the default run's SFT stage; --max_steps=Config.sft_steps
+TEACHER_RECIPE = f"{SFT_RECIPE} --max_steps=1600 --student=tiny-large"  # OPD's stronger teacher (docs/testbed.md)
+LR_GRID = "2e-5,6e-5,2e-4"  # one grid for every row; each row's rate is chosen on the validation split
+GROUPS = "--batch_size=8 --num_rollouts=4"  # GRPO and PTD-PO: 8 groups of 4 = the 32 completions of every row's step
 TABLE_RUNS = {  # folder: (row, train.py flags); every run starts from the same SFT checkpoint with the same budget
     "grpo": ("GRPO", f"--mode=ptdpo --ptd_coef=0 {GROUPS}"),
     "opsd": ("OPSD", "--mode=opsd"),
@@ -36,9 +41,12 @@ TABLE_RUNS = {  # folder: (row, train.py flags); every run starts from the same 
     "ptdpo": ("PTD-PO", f"--mode=ptdpo {GROUPS}"),
     "cue_only": ("+ cue hint only", "--mode=vicur --cue_recovery=false"),
     "module_only": ("+ recovery module only", "--mode=vicur --privilege=answer"),
+    "unrelated_cue": ("control: unrelated cue", "--mode=vicur --privilege=unrelated_cues"),
+    "self_no_hint": ("control: self teacher, no hint", "--mode=opsd --privilege=none"),
 }
+SELF_TEACHER = ["opsd", "opsd_vicur", "cue_only", "module_only", "unrelated_cue", "self_no_hint"]
 COMPARISON = {"base": "Base (SFT)", **{f: TABLE_RUNS[f][0] for f in ("grpo", "opsd", "opsd_vicur", "opd", "opd_vicur",
-                                                                      "ptdpo")}}
+                                                                      "ptdpo", "unrelated_cue", "self_no_hint")}}
 ABLATION = {"opsd": "answer hint (OPSD)", "cue_only": "+ cue hint only", "module_only": "+ recovery module only",
             "opsd_vicur": "full ViCuR: cue hint + module"}
 FIGURES = {  # one curves figure per comparison: {file name: {run folder: row}}
@@ -46,6 +54,12 @@ FIGURES = {  # one curves figure per comparison: {file name: {run folder: row}}
     "grpo_ptdpo": {f: TABLE_RUNS[f][0] for f in ("grpo", "ptdpo")},
     "ablation": ABLATION}
 CURVES = ["loss", "log_ratio", "privilege_gap", "hint_leakage", "reward", "student_entropy", "cue_recall"]
+# the paper's claims (docs/testbed.md): (claim, row A, relation, row B) on the pooled paired in-domain difference
+CLAIMS = [("OPSD <= Base", "opsd", "<=", "base"), ("OPSD+ViCuR > OPSD", "opsd_vicur", ">", "opsd"),
+          ("OPD+ViCuR > OPD", "opd_vicur", ">", "opd"),
+          ("the module adds to the cue hint: OPSD+ViCuR > cue hint only", "opsd_vicur", ">", "cue_only"),
+          *[(f"GRPO > {TABLE_RUNS[r][0]}", "grpo", ">", r) for r in ("opsd", "opsd_vicur", "opd", "opd_vicur")],
+          ("PTD-PO > GRPO", "ptdpo", ">", "grpo")]
 
 
 def script(name):
@@ -53,21 +67,43 @@ def script(name):
     return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
 
 
-def table_commands(folder, seeds, sft, teacher, train_flags, threads, names):
-    """{run folder: argv} for the rows `names` and every seed, and the base evaluations of the SFT checkpoint."""
-    num_eval = next((f.split("=", 1)[1] for f in train_flags if f.startswith("--num_eval=")),
-                    str(EVAL_SAMPLES))
+def run_folder(folder, name, lr, seed):
+    return os.path.join(folder, name, f"lr{lr}", f"seed{seed}")
+
+
+def table_commands(folder, seeds, lrs, sft, teacher, train_flags, threads, names, validate):
+    """{run folder: argv}: the rows `names` at each learning rate of `lrs` (a list, or {row: list}) and
+    each seed, with a validation evaluation when `validate` (the grid); and the evaluations of Base
+    (the SFT checkpoint) and of the stronger teacher on each seed's evaluation samples."""
+    num_eval = next((f.split("=", 1)[1] for f in train_flags if f.startswith("--num_eval=")), str(EVAL_SAMPLES))
     commands = {}
     for seed in seeds:
-        commands[os.path.join(folder, "base", f"seed{seed}")] = [
-            *script("evaluate.py"), f"--ckpt={sft}", f"--seed={seed}", f"--num_eval={num_eval}",
-            f"--out={os.path.join(folder, 'base', f'seed{seed}', 'eval.json')}"]
+        for model, path in (("base", sft), ("teacher_eval", teacher)):
+            if model == "teacher_eval" and not any("{teacher}" in TABLE_RUNS[n][1] for n in names):
+                continue
+            out = os.path.join(folder, model, f"seed{seed}")
+            commands[out] = [*script("evaluate.py"), f"--ckpt={path}", f"--seed={seed}", f"--num_eval={num_eval}",
+                             f"--out={os.path.join(out, 'eval.json')}"]
         for name in names:
-            run = os.path.join(folder, name, f"seed{seed}")
-            commands[run] = [*script("train.py"), f"--init_from={sft}",
-                             *TABLE_RUNS[name][1].format(teacher=teacher).split(), f"--seed={seed}", f"--threads={threads}",
-                             *train_flags, f"--out_dir={run}"]
+            for lr in lrs[name] if isinstance(lrs, dict) else lrs:
+                run = run_folder(folder, name, lr, seed)
+                commands[run] = [*script("train.py"), f"--init_from={sft}",
+                                 *TABLE_RUNS[name][1].format(teacher=teacher).split(), f"--lr={lr}", f"--seed={seed}",
+                                 f"--threads={threads}", "--eval_extras=false", *(["--validate"] if validate else []),
+                                 *train_flags, f"--out_dir={run}"]
     return commands
+
+
+def choose_lr(folder, names, lrs, seed):
+    """{row: the rate whose seed-`seed` run has the highest validation in-domain average}; a tie within
+    0.05 points goes to the smaller rate."""
+    chosen = {}
+    for name in names:
+        scores = {lr: 100 * json.load(open(os.path.join(run_folder(folder, name, lr, seed), "validation.json")))[
+            "in_domain_avg"] for lr in lrs}
+        best = max(scores.values())
+        chosen[name] = min((lr for lr, score in scores.items() if score >= best - 0.05), key=float)
+    return chosen
 
 
 def run_commands(commands, jobs):
@@ -103,14 +139,19 @@ def run_commands(commands, jobs):
 
 
 def run_summary(run):
-    """One finished run folder -> its numbers: eval.json's accuracies (%), the step means of the
-    privilege gap and hint leakage from log.jsonl, and the final cue recall (%)."""
+    """One finished run folder -> its numbers: eval.json's accuracies (%), its answers, the exact gap,
+    sampled reward and entropy (before and after, with SEs), the validation average, the step means of
+    the privilege gap and hint leakage from log.jsonl, and the final cue recall (%)."""
     results = json.load(open(os.path.join(run, "eval.json")))
     summary = {task: 100 * value for task, value in results["per_family"].items()}
     summary["families"] = family_order(results["per_family"])
     summary |= {"in_domain_avg": 100 * results["in_domain_avg"], "ood_avg": 100 * results["ood_avg"]}
+    summary["records"] = [json.loads(line) for line in open(os.path.join(run, "eval_predictions.jsonl"))]
+    summary |= {key: results[key] for key in ("distill_gap", "sampled_reward", "entropy") if key in results}
     if "cue_recall" in results:
         summary["cue_recall"] = 100 * results["cue_recall"]["recall"]
+    if os.path.isfile(os.path.join(run, "validation.json")):
+        summary["validation"] = 100 * json.load(open(os.path.join(run, "validation.json")))["in_domain_avg"]
     log = os.path.join(run, "log.jsonl")
     steps = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
     steps = [r for r in steps if "loss" in r]
@@ -129,28 +170,120 @@ def mean_and_spread(values):
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
-def seed_table(runs, rows, families):
-    """Markdown: one line per {folder: row title}, a column per family, the two averages, the paired
-    difference to Base (the same seed, so the same evaluation samples), then the privilege gap,
-    hint leakage and cue recall; every cell the mean ± standard deviation over seeds."""
+def pooled_delta(runs, row, against, domain="in-domain"):
+    """The paired difference row - against in points, pooled over the seeds both have (each seed's own
+    evaluation samples, ids unique across seeds), with its SE (evaluate.macro_interval)."""
+    seeds = [s for s in runs[row] if s in runs[against]]
+    value, se = macro_interval([r for s in seeds for r in runs[row][s]["records"]], domain,
+                               [r for s in seeds for r in runs[against][s]["records"]])
+    return 100 * value, 100 * se
+
+
+def pooled_change(summaries, key, before="before", after="after"):
+    """The mean over seeds of summary[key][after] - summary[key][before] and its SE, sqrt(sum of the
+    four-way variances) / S, treating the before and after estimates as independent."""
+    values = [s[key] for s in summaries if key in s]
+    if not values:
+        return None
+    change = sum(v[after] - v[before] for v in values) / len(values)
+    return change, sum(v[f"{after}_se"] ** 2 + v[f"{before}_se"] ** 2 for v in values) ** 0.5 / len(values)
+
+
+def verdict(value, se, relation):
+    """docs/testbed.md's rule on a 95% interval in points: A > B is supported above 0 and not
+    supported below +1; A <= B is its complement; a difference of exact gaps ('>0') has no margin."""
+    low, high = value - 1.96 * se, value + 1.96 * se
+    if relation == ">":
+        return "supported" if low > 0 else "not supported" if high < 1 else "inconclusive"
+    if relation == "<=":
+        return "supported" if high < 1 else "not supported" if low > 0 else "inconclusive"
+    return "supported" if low > 0 else "not supported" if high < 0 else "inconclusive"
+
+
+def interval(value, se, digits=1):
+    return f"{value:+.{digits}f} ± {1.96 * se:.{digits}f}"
+
+
+def seed_table(runs, rows, families, chosen):
+    """Markdown: one line per {folder: row title}: the chosen rate, a column per family and the two
+    averages (mean ± sd over seeds), the pooled paired difference to Base with its 95% interval, the
+    exact gap and the sampled reward before -> after (means over seeds), the entropy after, the step
+    means of the privilege gap and hint leakage, and the cue recall."""
     def cell(values, digits=1):
         if not values:
             return "-"
         mean, spread = mean_and_spread(values)
         return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
-    header = ["row", *families, "in-domain", "out-of-domain", "Δ in-domain", "Δ out-of-domain", "privilege gap",
-              "hint leakage", "cue recall"]
+
+    def before_after(seeds, key, digits):
+        values = [s[key] for s in seeds if key in s]
+        if not values:
+            return "-"
+        return " -> ".join(f"{sum(v[k] for v in values) / len(values):.{digits}f}" for k in ("before", "after"))
+    header = ["row", "lr", *families, "in-domain", "out-of-domain", "Δ in-domain (95%)", "Δ out-of-domain (95%)",
+              "exact gap", "sampled reward", "entropy after", "privilege gap", "hint leakage", "cue recall"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for folder, title in rows.items():
-        seeds = runs[folder]
-        column = lambda key: [s[key] for s in seeds.values() if key in s]  # noqa: E731
-        delta = lambda key: [s[key] - runs["base"][seed][key] for seed, s in seeds.items()  # noqa: E731
-                             if seed in runs.get("base", {})]
-        cells = [cell(column(f)) for f in families]
+        seeds = list(runs[folder].values())
+        column = lambda key: [s[key] for s in seeds if key in s]  # noqa: E731
+        cells = [chosen.get(folder, "-"), *(cell(column(f)) for f in families)]
         cells += [cell(column("in_domain_avg")), cell(column("ood_avg"))]
-        cells += ["-" if folder == "base" else cell(delta(k)) for k in ("in_domain_avg", "ood_avg")]
+        cells += ["-" if folder == "base" else interval(*pooled_delta(runs, folder, "base", d))
+                  for d in ("in-domain", "out-of-domain")]
+        cells += [before_after(seeds, "distill_gap", 5), before_after(seeds, "sampled_reward", 3)]
+        cells += [cell([s["entropy"]["after"] for s in seeds if "entropy" in s], 3)]
         cells += [cell(column("privilege_gap"), 4), cell(column("hint_leakage"), 2), cell(column("cue_recall"))]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_table(grid, lrs, chosen):
+    """Markdown: per row, each rate's validation in-domain average and exact gap before -> after (seed 0)."""
+    lines = ["| row | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |", "|---" * (len(lrs) + 2) + "|"]
+    for name, by_lr in grid.items():
+        cells = []
+        for lr in lrs:
+            s = by_lr[lr]
+            gap = s.get("distill_gap")
+            cells.append(f"{s['validation']:.1f}" + (f" (gap {gap['before']:.5f} -> {gap['after']:.5f})" if gap else ""))
+        lines.append(f"| {TABLE_RUNS[name][0]} | " + " | ".join(cells) + f" | {chosen[name]} |")
+    return "\n".join(lines)
+
+
+def claims_and_sanity(runs, grid):
+    """docs/testbed.md's verdicts on the paper's claims and the sanity properties -> markdown lines."""
+    lines = ["| claim | Δ in-domain (95%), points | verdict |", "|---|---|---|"]
+    for claim, a, relation, b in CLAIMS:
+        if a in runs and b in runs:
+            value, se = pooled_delta(runs, a, b)
+            lines.append(f"| {claim} | {interval(value, se)} | {verdict(value, se, relation)} |")
+    for claim, a, b, key, when in (("the cue's privilege gap > the answer's (exact gap at step 0)", "opsd_vicur", "opsd",
+                                    "distill_gap", "before"),
+                                   ("PTD-PO's entropy after > GRPO's", "ptdpo", "grpo", "entropy", "after")):
+        if a in runs and b in runs:
+            pairs = [(runs[a][s][key], runs[b][s][key]) for s in runs[a] if s in runs[b]]
+            value = sum(x[when] - y[when] for x, y in pairs) / len(pairs)
+            se = sum(x[f"{when}_se"] ** 2 + y[f"{when}_se"] ** 2 for x, y in pairs) ** 0.5 / len(pairs)
+            lines.append(f"| {claim} | {interval(value, se, 5)} (nats) | {verdict(value, se, '>0')} |")
+    lines += ["", "| sanity property | measured | holds |", "|---|---|---|"]
+    if "opd" in runs:
+        change = pooled_change(list(runs["opd"].values()), "distill_gap")
+        lines.append(f"| OPD's exact gap falls | {interval(*change, 5)} | {verdict(-change[0], change[1], '>0') == 'supported'} |")
+    if "opd" in runs and "teacher_eval" in runs:
+        mean = lambda row: sum(s["in_domain_avg"] for s in runs[row].values()) / len(runs[row])  # noqa: E731
+        share = (mean("opd") - mean("base")) / (mean("teacher_eval") - mean("base"))
+        lines.append(f"| OPD closes >= 1/3 of the teacher - base gap (base {mean('base'):.1f}, teacher "
+                     f"{mean('teacher_eval'):.1f}, OPD {mean('opd'):.1f}) | {share:.2f} | {share >= 1 / 3} |")
+    if "grpo" in runs:
+        change = pooled_change(list(runs["grpo"].values()), "sampled_reward")
+        lines.append(f"| GRPO's sampled reward rises | {interval(*change, 3)} | {verdict(*change, '>0') == 'supported'} |")
+    for name in [n for n in SELF_TEACHER if n in grid and n != "self_no_hint"]:
+        falls = {lr: pooled_change([s], "distill_gap") for lr, s in grid[name].items()}
+        best = min(falls, key=lambda lr: falls[lr][0])
+        lines.append(f"| {TABLE_RUNS[name][0]}: some rate lowers its exact gap (lowest: lr {best}, "
+                     f"{interval(*falls[best], 5)}) | "
+                     + ", ".join(f"{lr}: {falls[lr][0]:+.5f}" for lr in falls)
+                     + f" | {any(verdict(-v, se, '>0') == 'supported' for v, se in falls.values())} |")
     return "\n".join(lines)
 
 
@@ -209,26 +342,36 @@ def draw_curves(series, path, title, panel=(330, 220), columns=4):
     return path
 
 
-def write_tables(folder, seeds, names, minutes):
-    """tables.md and a curves PNG per comparison, from the finished run folders of the rows `names`."""
-    runs = {name: {seed: run_summary(os.path.join(folder, name, f"seed{seed}")) for seed in seeds}
-            for name in ["base", *names]}
+def write_tables(folder, seeds, names, lrs, chosen, minutes):
+    """tables.md (the grid, the tables, the verdicts) and a curves PNG per comparison, from the
+    finished run folders of the rows `names`."""
+    runs = {name: {seed: run_summary(run_folder(folder, name, chosen[name], seed)) for seed in seeds} for name in names}
+    for model in ("base", "teacher_eval"):
+        if os.path.isdir(os.path.join(folder, model)):
+            runs[model] = {seed: run_summary(os.path.join(folder, model, f"seed{seed}")) for seed in seeds}
+    grid = {name: {lr: run_summary(run_folder(folder, name, lr, seeds[0])) for lr in lrs} for name in names}
     present = lambda rows: {row: title for row, title in rows.items() if row in runs}  # noqa: E731
     families = runs["base"][seeds[0]]["families"]
     date = datetime.date.today().isoformat()
     text = (f"# The paper's tables on the embedded world\n\n{date}; seeds {', '.join(map(str, seeds))}; "
-            f"{minutes:.0f} min. Accuracy in %, mean ± standard deviation over seeds. Δ: the row minus Base on "
-            f"the same seed's evaluation samples. Privilege gap (nats a token) and hint leakage: means over the "
-            f"steps of log.jsonl. Cue recall: % of the sink's attention inside the cue boxes, at the end.\n\n"
-            f"## Table 1: which teacher privilege helps\n\n{seed_table(runs, present(COMPARISON), families)}\n\n"
-            f"## Component ablation (the OPSD setting)\n\n{seed_table(runs, present(ABLATION), families)}\n")
+            f"{minutes:.0f} min; the protocol: docs/testbed.md. Accuracy in %, mean ± standard deviation over "
+            f"seeds. Δ: the row minus Base, paired on the same samples and pooled over the seeds, with its 95% "
+            f"interval. Exact gap: KL(student || teacher), nats a token, before -> after (means over seeds). "
+            f"Privilege gap and hint leakage: means over the steps of log.jsonl. Cue recall: % of the sink's "
+            f"attention inside the cue boxes, at the end.\n\n"
+            f"## The learning-rate grid (seed {seeds[0]}, validation in-domain average)\n\n"
+            f"{grid_table(grid, lrs, chosen)}\n\n"
+            f"## Table 1: which teacher privilege helps, PTD-PO, and the controls\n\n"
+            f"{seed_table(runs, present(COMPARISON), families, chosen)}\n\n"
+            f"## Component ablation (the OPSD setting)\n\n{seed_table(runs, present(ABLATION), families, chosen)}\n\n"
+            f"## The paper's claims and the sanity properties\n\n{claims_and_sanity(runs, grid)}\n")
     with open(os.path.join(folder, "tables.md"), "w") as f:
         f.write(text)
     for name, rows in FIGURES.items():
-        rows = present(rows)
+        rows = {row: title for row, title in rows.items() if row in names}
         if not rows:
             continue
-        series = {title: {m: step_series([os.path.join(folder, row, f"seed{s}") for s in seeds], m) for m in CURVES}
+        series = {title: {m: step_series([run_folder(folder, row, chosen[row], s) for s in seeds], m) for m in CURVES}
                   for row, title in rows.items()}
         draw_curves(series, os.path.join(folder, f"curves_{name}.png"),
                     f"{', '.join(rows.values())}: the mean over seeds {', '.join(map(str, seeds))}, "
@@ -240,6 +383,7 @@ def write_tables(folder, seeds, names, minutes):
 class TablesConfig:
     out: str = "out/tables"          # the folder of every run, tables.md and the curves
     seeds: str = "0,1,2"             # one evaluation set, training world and set of rollouts per seed
+    lrs: str = LR_GRID               # the learning-rate grid, run at the first seed; the others at the chosen rate
     jobs: int = 2                    # runs at a time, the cores shared among them
     init_from: str = ""              # the SFT checkpoint every row starts from; empty = train one (SFT_RECIPE)
     teacher: str = ""                # OPD's stronger teacher; empty = train one (TEACHER_RECIPE)
@@ -252,28 +396,37 @@ def main(argv):
                                            f"the rows: {', '.join(TABLE_RUNS)}", passthrough=True)
     folder, start = config.out, time.time()
     seeds = [int(s) for s in config.seeds.split(",")]
+    lrs = config.lrs.split(",")
     names = config.rows.split(",") if config.rows else list(TABLE_RUNS)
     if set(names) - set(TABLE_RUNS):
         sys.exit(f"error: --rows: unknown {sorted(set(names) - set(TABLE_RUNS))}; the rows are {list(TABLE_RUNS)}")
+    if any(f.startswith("--lr=") for f in train_flags):
+        sys.exit("error: --lr is chosen from the grid; pass --lrs=A,B,... (one value: no choice)")
     threads = max(1, (os.cpu_count() or 1) // config.jobs)
     train = script("train.py")
     needed = {}
     sft = config.init_from or os.path.join(folder, "sft", "ckpt")
     teacher = config.teacher or os.path.join(folder, "teacher", "ckpt")
     if not config.init_from:
-        needed[os.path.join(folder, "sft")] = train + SFT_RECIPE.split() + [f"--out_dir={os.path.join(folder, 'sft')}"]
+        needed[os.path.join(folder, "sft")] = train + SFT_RECIPE.split() + [
+            f"--max_steps={Config.sft_steps}", f"--out_dir={os.path.join(folder, 'sft')}"]
     if not config.teacher and any("{teacher}" in TABLE_RUNS[n][1] for n in names):
         needed[os.path.join(folder, "teacher")] = train + TEACHER_RECIPE.split() + [
             f"--out_dir={os.path.join(folder, 'teacher')}"]
     for path in [p for p in (config.init_from, config.teacher) if p]:
         if not os.path.isdir(path):
             sys.exit(f"error: {path} is not a checkpoint directory")
-    commands = table_commands(folder, seeds, sft, teacher, train_flags, threads, names)
-    print(f"the paper's tables: {len(needed)} starting run(s), then {len(commands)} runs, {config.jobs} at a time "
-          f"with {threads} thread(s) each, into {folder}/ (each command in <run>/command.txt, its output in <run>.log)")
+    grid = table_commands(folder, seeds[:1], lrs, sft, teacher, train_flags, threads, names, validate=True)
+    print(f"the paper's tables: {len(needed)} starting run(s), a grid of {len(grid)} runs (seed {seeds[0]}), then "
+          f"{len(names) * (len(seeds) - 1)} at the chosen rates, {config.jobs} at a time with {threads} thread(s) "
+          f"each, into {folder}/ (each command in <run>/command.txt, its output in <run>.log)")
     run_commands(needed, config.jobs)
-    run_commands(commands, config.jobs)
-    text = write_tables(folder, seeds, names, (time.time() - start) / 60)
+    run_commands(grid, config.jobs)
+    chosen = choose_lr(folder, names, lrs, seeds[0])
+    print("chosen on the validation split: " + ", ".join(f"{n} {lr}" for n, lr in chosen.items()))
+    run_commands(table_commands(folder, seeds[1:], {n: [chosen[n]] for n in names}, sft, teacher, train_flags, threads,
+                                names, validate=False), config.jobs)
+    text = write_tables(folder, seeds, names, lrs, chosen, (time.time() - start) / 60)
     print(text + f"\nwrote {folder}/tables.md and curves_{{{','.join(FIGURES)}}}.png")
 
 

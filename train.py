@@ -30,9 +30,9 @@ import cli
 import cue_recovery
 from checkpoint import load_train_state, save_checkpoint, saved_run
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
-                  to_device, EVAL_SAMPLES)
-from distill import (check_same_tokenizer, gap_line, gap_prompts, hint_text, measure_gap, microbatch_loss,
-                     rollout_completions, teacher_messages, timed)
+                  to_device, validation_world, EVAL_SAMPLES, VALIDATION_SAMPLES)
+from distill import (check_same_tokenizer, gap_line, gap_prompts, headroom, hint_text, measure_gap, microbatch_loss,
+                     rollout_completions, teacher_messages, timed, unrelated_cues)
 from evaluate import evaluate, write_evaluation
 from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
 from optim import FlatAdamW
@@ -51,24 +51,29 @@ class Config:
     eval_data: str = ""              # a JSONL file to evaluate on; empty = the last num_eval samples of --data
     skip_bad: bool = False           # skip and count bad JSONL lines instead of stopping
     num_train: int = 8000            # embedded world: training samples (in-domain families)
-    num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (all seven families, 250 each)
+    num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (all seven families, 400 each)
+    num_validation: int = VALIDATION_SAMPLES  # embedded world: validation samples (in-domain, 400 a family):
+                                     # an SFT run's headroom, --validate
     out_dir: str = "out/default"     # config.json, log.jsonl, ckpt/, eval.json and report.md go here
     # optimisation
-    max_steps: int = 120             # optimizer steps of this run (the SFT stage has sft_steps)
-    batch_size: int = 16             # per rank, per micro-step: prompts (each with num_rollouts completions)
+    max_steps: int = 40              # optimizer steps of this run (the SFT stage has sft_steps)
+    batch_size: int = 32             # per rank, per micro-step: prompts (each with num_rollouts completions)
     grad_accum: int = 1              # micro-steps per optimizer step
     lr: float = 2e-4                 # peak learning rate (AdamW, betas 0.9 / 0.95); the SFT stage has sft_lr
     min_lr_ratio: float = 0.1        # cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 10           # linear warm-up from lr / warmup_steps
+    warmup_steps: int = 4            # linear warm-up from lr / warmup_steps
     weight_decay: float = 0.01       # AdamW's decoupled weight decay
     grad_clip: float = 1.0           # clip the global gradient norm to this
     seed: int = 0                    # the world, the data order, the rollouts' generators
     eval_every: int = 0              # 0: evaluate only at the end
+    eval_extras: bool = True         # a distillation run also evaluates before (the paired difference) and with the
+                                     # cue hint (a diagnostic); tables.py turns both off and pairs rows with its Base
+    validate: bool = False           # also evaluate on the validation split (validation.json): tables.py's lr choice
     save_every: int = 500            # steps between checkpoints (and one at the end)
     resume: bool = False             # continue from out_dir/ckpt
     max_length: int = 512            # longest prompt + completion, in tokens
     max_new_tokens: int = 96         # evaluation and rollouts
-    eval_batch_size: int = 64        # prompts per batch in evaluation
+    eval_batch_size: int = 256       # prompts per batch in evaluation and the exact gap (the tiny model is overhead-bound)
     # on-policy distillation
     teacher: str = "self"            # 'self' (a frozen copy of the starting student) or a model name / checkpoint
     privilege: str = ""              # none | answer | rationale | cues | cues+crops; empty = the mode's default
@@ -122,11 +127,11 @@ PAPER = {  # the paper's settings: global batch 128 (8 ranks x 2 x 8 micro-steps
     # and here the optimizer state sharded and activations recomputed, so that each fits an 80 GB card
     "mode": "vicur", "batch_size": 2, "grad_accum": 8, "lr": 1e-6, "warmup_steps": 0, "max_length": 6144,
     "max_new_tokens": 4096, "num_rollouts": 1, "max_steps": 275, "dtype": "bfloat16", "device": "cuda",
-    "shard_optimizer": True, "grad_ckpt": True}
+    "shard_optimizer": True, "grad_ckpt": True, "eval_batch_size": 16}
 PRESETS = {
     # name: overrides; a preset is a plain dict applied before the command line
     "smoke": {"max_steps": 20, "sft_steps": 20, "num_train": 200, "num_eval": 56, "batch_size": 8, "eval_every": 0,
-              "gap_prompts": 32},
+              "gap_prompts": 32, "num_validation": 40},
     "qwen3vl-2b": {**PAPER, "student": "Qwen/Qwen3-VL-2B-Instruct"},  # OPD: --teacher=Qwen/Qwen3-VL-8B-Instruct
     # the same global batch in micro-batches of 1 (8 ranks x 1 x 16): the logits of 2 x 6,144 tokens do not fit
     "qwen3vl-8b": {**PAPER, "student": "Qwen/Qwen3-VL-8B-Instruct", "batch_size": 1, "grad_accum": 16},
@@ -138,8 +143,8 @@ SFT_LEARNS_FROM = ["student", "data", "num_train", "seed", "max_length", "grad_a
                    "grad_clip", "dtype", "sft_steps", "sft_lr", "sft_warmup_steps", "sft_batch_size", "sft_cue_frac",
                    "sft_answer_frac", "sft_describe_frac"]
 # ... and these, which only change how it runs (a complete stage is reused whatever they are)
-SFT_RUNS_WITH = ["eval_data", "skip_bad", "num_eval", "eval_every", "max_new_tokens", "eval_batch_size", "save_every", "device",
-                 "threads", "shard_optimizer", "grad_ckpt"]
+SFT_RUNS_WITH = ["eval_data", "skip_bad", "num_eval", "num_validation", "eval_every", "max_new_tokens", "eval_batch_size",
+                 "save_every", "device", "threads", "shard_optimizer", "grad_ckpt"]
 
 
 USAGE = "python train.py [--key=value ...]   (torchrun --nproc_per_node=N train.py ... for data parallel)"
@@ -455,6 +460,8 @@ def setup(config, rank, world_size):
     source = resume_dir if config.resume else (config.init_from or config.student)
     model, processor = load_model(source, dtype=getattr(torch, config.dtype), seed=config.seed, device=config.device)
     samples, eval_samples = training_samples(config, rank)
+    if config.privilege == "unrelated_cues":  # the control: every teacher hint is another sample's cue
+        samples = unrelated_cues(samples, config.seed)
     # the self teacher is a copy of the student as it starts, taken before the student gets its module
     teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
     if config.mode == "vicur" and config.cue_recovery and cue_recovery.get(model) is None:  # a resumed run has it
@@ -494,13 +501,22 @@ def finish(model, teacher, processor, eval_samples, config, world_size, notes, s
     predictions, the cue-hint diagnostic), and report.md."""
     before_file = os.path.join(config.out_dir, "eval_before.json")
     before, before_records = None, None
-    if teacher is not None and os.path.exists(before_file):  # the same samples, before distillation
+    if teacher is not None and config.eval_extras and os.path.exists(before_file):  # the same samples, before distillation
         before = json.load(open(before_file))
         before_records = [json.loads(line) for line in open(before_file.replace(".json", "_predictions.jsonl"))]
     cue_hint = (lambda s: teacher_messages(s, "cues")) if any(s.cue for s in eval_samples) else None
+    if not config.eval_extras:
+        cue_hint = None
     _, table = write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval.json"),
                                 **evaluation_settings(config), diagnostic_messages=cue_hint, before=before,
                                 before_records=before_records, extra=extra)
+    if config.validate:  # what tables.py chooses a learning rate on: never the evaluation samples
+        results = evaluate(model, processor, validation_world(config.num_validation, seed=config.seed), progress=False,
+                           **evaluation_settings(config))
+        results.pop("records")
+        with open(os.path.join(config.out_dir, "validation.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        notes.append(f"validation split ({config.num_validation} samples): in-domain {100 * results['in_domain_avg']:.1f}")
     for note in notes:
         print(note)
     with open(os.path.join(config.out_dir, "report.md"), "w") as f:
@@ -531,7 +547,7 @@ def train(config, rank, world_size):
             print(f"exact distillation gap before, on {len(prompts)} prompts x {config.gap_rollouts} samples: "
                   f"{gap_before['gap']:.5f} ± {gap_before['gap_se']:.5f} nats a token")
             log_file.write(json.dumps({"step": step, "distill_gap": gap_before}) + "\n")
-        if not config.resume:
+        if not config.resume and config.eval_extras:
             print("before distillation:")
             write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval_before.json"),
                              **evaluation_settings(config))
@@ -573,11 +589,14 @@ def train(config, rank, world_size):
             gap_after = measure_gap(model, teacher, processor, prompts, privilege, config)
             notes.append(gap_line(gap_before, gap_after))
             log_file.write(json.dumps({"step": config.max_steps, "distill_gap": gap_after}) + "\n")
-            extra = {"distill_gap": {"before": gap_before["gap"], "after": gap_after["gap"],
-                                     "before_se": gap_before["gap_se"], "after_se": gap_after["gap_se"]},
-                     "sampled_reward": {"before": gap_before["reward"], "after": gap_after["reward"],
-                                        "before_se": gap_before["reward_se"], "after_se": gap_after["reward_se"]},
-                     "gap_prompts": len(prompts), "gap_rollouts": config.gap_rollouts}
+            extra = {key: {"before": gap_before[name], "after": gap_after[name], "before_se": gap_before[f"{name}_se"],
+                           "after_se": gap_after[f"{name}_se"]}
+                     for key, name in (("distill_gap", "gap"), ("sampled_reward", "reward"), ("entropy", "entropy"))}
+            extra |= {"gap_prompts": len(prompts), "gap_rollouts": config.gap_rollouts}
+        if teacher is None and not config.data:  # an SFT run on the embedded world: the room it leaves teachers
+            extra["headroom"], text = headroom(model, processor, validation_world(config.num_validation, seed=config.seed),
+                                               **evaluation_settings(config))
+            notes.append(text)
         finish(model, teacher, processor, eval_samples, config, world_size, notes, train_time, extra)
         print(f"done in {(time.time() - start_time) / 60:.1f} min; wrote {config.out_dir}/report.md, eval.json, ckpt/")
         log_file.close()

@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_two_ranks_run_the_same_steps_and_rank_zero_writes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-               "train.py", "--preset=smoke", "--sft_steps=3", "--max_steps=3", "--num_eval=7", "--threads=1",
+               "train.py", "--preset=smoke", "--sft_steps=3", "--max_steps=3", "--num_eval=7", "--num_validation=10", "--threads=1",
                "--max_new_tokens=16",
                f"--out_dir={tmp_path}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -57,7 +57,7 @@ def test_two_ranks_run_the_same_steps_and_rank_zero_writes(tmp_path):
 
 
 # constant lr (no warm-up, no decay), so that a run stopped at step 2 and resumed is the same schedule
-EQUAL = ["--max_steps=3", "--lr=1e-3", "--gap_prompts=4", "--num_train=64", "--num_eval=7", "--max_new_tokens=8", "--warmup_steps=0",
+EQUAL = ["--max_steps=3", "--lr=1e-3", "--gap_prompts=4", "--num_train=64", "--num_eval=7", "--num_validation=10", "--max_new_tokens=8", "--warmup_steps=0",
          "--min_lr_ratio=1.0", "--threads=1", "--save_every=100"]
 
 
@@ -104,7 +104,7 @@ def gradient_error(step, reference):
     return ((step["grad"] - reference["grad"]).norm() / reference["grad"].norm()).item()
 
 
-SFT_STEP = ["--mode=sft", "--num_train=64", "--num_eval=7", "--grad_accum=2", "--max_length=512"]
+SFT_STEP = ["--mode=sft", "--num_train=64", "--num_eval=7", "--num_validation=10", "--grad_accum=2", "--max_length=512"]
 
 
 def test_an_sft_step_on_two_ranks_has_the_one_process_gradient_and_wrong_variants_do_not(tmp_path):
@@ -169,7 +169,7 @@ def test_distillation_on_two_ranks_equals_one_process(start, tmp_path):
     # rollouts of different lengths (so that weighting by tokens matters), 2 micro-batches
     flags = ["--mode=vicur", f"--init_from={start}", "--cue_init=default", "--lr=1e-3",
              "--max_new_tokens=12", "--grad_accum=2"]
-    step = flags + ["--num_train=64", "--num_eval=7", "--max_new_tokens=24"]   # step 0: one rollout of 14 tokens
+    step = flags + ["--num_train=64", "--num_eval=7", "--num_validation=10", "--max_new_tokens=24"]   # step 0: one rollout of 14 tokens
     one = one_step(step + ["--batch_size=2"], tmp_path / "one.pt")
     assert one["metrics"]["rollout_length"] < 24                    # so the ranks' token counts differ
     for wrong in ("", "own_tokens", "skip_bucket"):

@@ -210,3 +210,35 @@ def test_exact_gap_is_the_token_mean_kl_of_the_students_own_samples(tiny):
     # other batch shapes (batch_size=2 vs 5) move the logits by matmul rounding, the KL by ~1e-6 of itself
     assert result["gap"] == pytest.approx(reference, rel=1e-4) and result["gap"] > 1e-3
     assert 0 < result["gap_se"] < result["gap"]
+    # the student's entropy on the same tokens: -sum p log p in float64 (rel 1e-4 for the same reason)
+    assert result["entropy"] == pytest.approx(-(log_s.exp() * log_s).sum(-1).mean().item(), rel=1e-4)
+    assert 0 < result["entropy_se"] < result["entropy"]
+
+
+def test_the_unrelated_cue_control_gives_each_sample_another_samples_cue_of_its_family():
+    from distill import unrelated_cues
+    samples = make_world(40, seed=2)
+    swapped = unrelated_cues(samples, seed=5)
+    assert [s.id for s in swapped] == [s.id for s in samples] and [s.boxes for s in swapped] == [s.boxes for s in samples]
+    for task in {s.task for s in samples}:
+        own = [s.cue for s in samples if s.task == task]
+        given = [s.cue for s in swapped if s.task == task]
+        assert sorted(given) == sorted(own)                                 # the family's cues, each used once
+        assert all(g is not o for g, o in zip(given, own))                  # never a sample's own cue object
+    assert unrelated_cues(samples, seed=5) == swapped and unrelated_cues(samples, seed=6) != swapped   # seeded
+    assert teacher_messages(swapped[0], "unrelated_cues") == teacher_messages(swapped[0], "cues")
+
+
+def test_headroom_pairs_each_criterion_on_the_same_samples(tiny):
+    """A criterion is the paired difference of the in-domain averages; the teacher row is the teacher's.
+    With the student as its own 'stronger teacher' that difference is exactly 0 and not met."""
+    from distill import HEADROOM, headroom
+    model, processor = tiny
+    samples = make_world(10, seed=4)
+    result, text = headroom(model, processor, samples, teacher=model, max_new_tokens=4)
+    assert set(result["criteria"]) == set(HEADROOM) and result["samples"] == 10
+    rows, criteria = result["rows"], result["criteria"]
+    assert criteria["base + cue hint - base"]["value"] == pytest.approx(rows["base + cue hint"] - rows["base"], abs=1e-9)
+    assert criteria["base - majority answer"]["value"] == pytest.approx(rows["base"] - rows["majority answer"], abs=1e-9)
+    assert criteria["stronger teacher - base"]["value"] == 0 and not criteria["stronger teacher - base"]["met"]
+    assert "NOT met" in text

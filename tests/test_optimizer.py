@@ -160,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
 
 
 def test_freeze_vision_trains_the_language_model_only(tmp_path):
-    train.main(["--mode=sft", "--max_steps=2", "--num_train=32", "--num_eval=7", "--batch_size=4",
+    train.main(["--mode=sft", "--max_steps=2", "--num_train=32", "--num_eval=7", "--num_validation=10", "--batch_size=4",
                 "--max_new_tokens=4", "--freeze_vision", "--grad_ckpt", f"--out_dir={tmp_path}"])
     start, _ = load_model("tiny", seed=0)
     start = {k: v for k, v in start.state_dict().items()}

@@ -20,7 +20,7 @@ def test_learning_rate_schedule():
     assert train.learning_rate(110, config) == pytest.approx(0.1)
 
 
-SHORT_RUN = ["--mode=sft", "--max_steps=40", "--lr=1e-3", "--num_train=300", "--num_eval=14", "--batch_size=8", "--warmup_steps=5",
+SHORT_RUN = ["--mode=sft", "--max_steps=40", "--lr=1e-3", "--num_train=300", "--num_eval=14", "--num_validation=10", "--batch_size=8", "--warmup_steps=5",
              "--save_every=20", "--max_new_tokens=24", "--lr=2e-3"]
 
 
@@ -154,7 +154,7 @@ DISTILL_METRICS = {"loss", "log_ratio", "clip_frac", "student_entropy", "teacher
     ["--mode=ptdpo", "--num_rollouts=2", "--ptd_coef=0", "--kl_coef=0.1"],
 ])
 def test_distillation_modes_run_end_to_end(flags, tmp_path):
-    train.main(flags + ["--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7",
+    train.main(flags + ["--sft_steps=2", "--max_steps=2", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7", "--num_validation=10",
                         "--warmup_steps=1", "--gap_prompts=8", f"--out_dir={tmp_path}"])
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     log = [r for r in records if "loss" in r]
@@ -181,7 +181,7 @@ def test_the_default_pipeline_reuses_a_complete_sft_stage(tmp_path, capsys):
     """A distillation mode from a tiny student runs SFT first; a second run reuses it, a changed
     SFT setting runs it again."""
     assert train.parse_args([]).mode == "vicur" and train.parse_args([]).lr == train.Config.lr
-    flags = ["--sft_steps=2", "--max_steps=1", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7", "--gap_prompts=4",
+    flags = ["--sft_steps=2", "--max_steps=1", "--batch_size=2", "--max_new_tokens=8", "--num_eval=7", "--num_validation=10", "--gap_prompts=4",
              "--warmup_steps=1", f"--out_dir={tmp_path}"]
     train.main(flags)
     assert "SFT stage: 2 steps" in capsys.readouterr().out
@@ -199,7 +199,7 @@ def test_a_vicur_run_resumes_like_one_that_never_stopped(tiny, tmp_path, monkeyp
     model.save_pretrained(start)
     processor.save_pretrained(start)
     common = ["--mode=vicur", f"--init_from={start}", "--max_steps=4", "--save_every=2", "--batch_size=2", "--gap_prompts=4",
-              "--max_new_tokens=8", "--num_eval=7", "--num_train=50", "--warmup_steps=1", "--cue_init=default"]
+              "--max_new_tokens=8", "--num_eval=7", "--num_validation=10", "--num_train=50", "--warmup_steps=1", "--cue_init=default"]
     full, broken, (full_log, broken_log) = unbroken_and_resumed(common, tmp_path, monkeypatch)
     assert [r["step"] for r in broken_log] == [1, 2, 3, 4]
     assert [r["loss"] for r in broken_log[2:]] == pytest.approx([r["loss"] for r in full_log[2:]], rel=1e-5)
@@ -251,7 +251,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     import time
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     common = [sys.executable, "train.py", "--mode=sft", "--max_steps=30", "--save_every=5", "--num_train=64",
-              "--num_eval=7", "--batch_size=2", "--max_new_tokens=8", "--warmup_steps=2", "--threads=1"]
+              "--num_eval=7", "--num_validation=10", "--batch_size=2", "--max_new_tokens=8", "--warmup_steps=2", "--threads=1"]
     subprocess.run(common + [f"--out_dir={tmp_path / 'full'}"], cwd=root, check=True, capture_output=True)
     broken = tmp_path / "broken"
     process = subprocess.Popen(common + [f"--out_dir={broken}"], cwd=root, stdout=subprocess.DEVNULL,
