@@ -220,13 +220,13 @@ def seed_table(runs, rows, families, chosen):
         if not values:
             return "-"
         return " -> ".join(f"{sum(v[k] for v in values) / len(values):.{digits}f}" for k in ("before", "after"))
-    header = ["row", "lr", *families, "in-domain", "out-of-domain", "Δ in-domain (95%)", "Δ out-of-domain (95%)",
+    header = ["row", "lr", "seeds", *families, "in-domain", "out-of-domain", "Δ in-domain (95%)", "Δ out-of-domain (95%)",
               "exact gap", "sampled reward", "entropy after", "privilege gap", "hint leakage", "cue recall"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for folder, title in rows.items():
         seeds = list(runs[folder].values())
         column = lambda key: [s[key] for s in seeds if key in s]  # noqa: E731
-        cells = [chosen.get(folder, "-"), *(cell(column(f)) for f in families)]
+        cells = [chosen.get(folder, "-"), str(len(seeds)), *(cell(column(f)) for f in families)]
         cells += [cell(column("in_domain_avg")), cell(column("ood_avg"))]
         cells += ["-" if folder == "base" else interval(*pooled_delta(runs, folder, "base", d))
                   for d in ("in-domain", "out-of-domain")]
@@ -345,10 +345,13 @@ def draw_curves(series, path, title, panel=(330, 220), columns=4):
 def write_tables(folder, seeds, names, lrs, chosen, minutes):
     """tables.md (the grid, the tables, the verdicts) and a curves PNG per comparison, from the
     finished run folders of the rows `names`."""
-    runs = {name: {seed: run_summary(run_folder(folder, name, chosen[name], seed)) for seed in seeds} for name in names}
+    finished = lambda run: os.path.isfile(os.path.join(run, "eval.json"))  # noqa: E731  (--seed_rows: not every seed)
+    runs = {name: {seed: run_summary(run_folder(folder, name, chosen[name], seed)) for seed in seeds
+                   if finished(run_folder(folder, name, chosen[name], seed))} for name in names}
     for model in ("base", "teacher_eval"):
         if os.path.isdir(os.path.join(folder, model)):
-            runs[model] = {seed: run_summary(os.path.join(folder, model, f"seed{seed}")) for seed in seeds}
+            runs[model] = {seed: run_summary(os.path.join(folder, model, f"seed{seed}")) for seed in seeds
+                           if finished(os.path.join(folder, model, f"seed{seed}"))}
     grid = {name: {lr: run_summary(run_folder(folder, name, lr, seeds[0])) for lr in lrs} for name in names}
     present = lambda rows: {row: title for row, title in rows.items() if row in runs}  # noqa: E731
     families = runs["base"][seeds[0]]["families"]
@@ -371,7 +374,7 @@ def write_tables(folder, seeds, names, lrs, chosen, minutes):
         rows = {row: title for row, title in rows.items() if row in names}
         if not rows:
             continue
-        series = {title: {m: step_series([run_folder(folder, row, chosen[row], s) for s in seeds], m) for m in CURVES}
+        series = {title: {m: step_series([run_folder(folder, row, chosen[row], s) for s in runs[row]], m) for m in CURVES}
                   for row, title in rows.items()}
         draw_curves(series, os.path.join(folder, f"curves_{name}.png"),
                     f"{', '.join(rows.values())}: the mean over seeds {', '.join(map(str, seeds))}, "
@@ -388,6 +391,7 @@ class TablesConfig:
     init_from: str = ""              # the SFT checkpoint every row starts from; empty = train one (SFT_RECIPE)
     teacher: str = ""                # OPD's stronger teacher; empty = train one (TEACHER_RECIPE)
     rows: str = ""                   # a comma-separated subset of TABLE_RUNS; empty = all
+    seed_rows: str = ""              # the rows that run the seeds after the first; empty = all of --rows
 
 
 def main(argv):
@@ -424,8 +428,11 @@ def main(argv):
     run_commands(grid, config.jobs)
     chosen = choose_lr(folder, names, lrs, seeds[0])
     print("chosen on the validation split: " + ", ".join(f"{n} {lr}" for n, lr in chosen.items()))
-    run_commands(table_commands(folder, seeds[1:], {n: [chosen[n]] for n in names}, sft, teacher, train_flags, threads,
-                                names, validate=False), config.jobs)
+    seeded = config.seed_rows.split(",") if config.seed_rows else names
+    if set(seeded) - set(names):
+        sys.exit(f"error: --seed_rows: {sorted(set(seeded) - set(names))} are not in --rows")
+    run_commands(table_commands(folder, seeds[1:], {n: [chosen[n]] for n in seeded}, sft, teacher, train_flags, threads,
+                                seeded, validate=False), config.jobs)
     text = write_tables(folder, seeds, names, lrs, chosen, (time.time() - start) / 60)
     print(text + f"\nwrote {folder}/tables.md and curves_{{{','.join(FIGURES)}}}.png")
 

@@ -68,12 +68,12 @@ def test_the_seed_table_by_hand(tmp_path):
     grid, text = text.split("## Table 1")
     assert dict(zip(cells_of(grid, "row"), cells_of(grid, "OPSD")))["chosen"] == "2e-4"
     header = cells_of(text, "row")
-    assert header[:4] == ["lr", "count", "spatial", "novel_pair"]
+    assert header[:5] == ["lr", "seeds", "count", "spatial", "novel_pair"]
 
     def expect(values, digits=1):
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
     opsd_cells = dict(zip(header, cells_of(text, "OPSD")))
-    assert opsd_cells["lr"] == "2e-4" and opsd_cells["count"] == expect([90.0, 80.0])
+    assert opsd_cells["lr"] == "2e-4" and opsd_cells["seeds"] == "2" and opsd_cells["count"] == expect([90.0, 80.0])
     assert opsd_cells["in-domain"] == expect([70.0, 75.0])                    # (count + spatial) / 2 per seed
     assert opsd_cells["out-of-domain"] == expect([40.0, 90.0])
     # pooled over seeds: per family the mean of the paired per-sample differences, then the macro average;
