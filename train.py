@@ -56,10 +56,12 @@ class Config:
                                      # an SFT run's headroom, --validate
     out_dir: str = "out/default"     # config.json, log.jsonl, ckpt/, eval.json and report.md go here
     # optimisation
-    max_steps: int = 40              # optimizer steps of this run (the SFT stage has sft_steps)
+    max_steps: int = 40              # optimizer steps of this run (the SFT stage has sft_steps); with batch_size,
+                                     # the one budget of every row of docs/testbed.md: 40 steps of 32 completions
     batch_size: int = 32             # per rank, per micro-step: prompts (each with num_rollouts completions)
     grad_accum: int = 1              # micro-steps per optimizer step
-    lr: float = 2e-4                 # peak learning rate (AdamW, betas 0.9 / 0.95); the SFT stage has sft_lr
+    lr: float = 2e-5                 # peak learning rate (AdamW, betas 0.9 / 0.95); the SFT stage has sft_lr. 2e-5:
+                                     # ViCuR's choice from tables.py's grid on the validation split (docs/testbed.md)
     min_lr_ratio: float = 0.1        # cosine decay to lr * min_lr_ratio
     warmup_steps: int = 4            # linear warm-up from lr / warmup_steps
     weight_decay: float = 0.01       # AdamW's decoupled weight decay
@@ -496,6 +498,25 @@ def describe_teacher(teacher, samples, config):
     return privilege
 
 
+def reuse_sft_evaluation(config, eval_samples):
+    """The evaluation before distilling is the SFT stage's own when this run's SFT stage made the starting
+    checkpoint and evaluated these very samples (the same ids): copy it (eval_before.json), do not redo it."""
+    sft = os.path.join(config.out_dir, "sft")
+    predictions = os.path.join(sft, "eval_predictions.jsonl")
+    if config.init_from != os.path.join(sft, "ckpt") or not os.path.isfile(predictions):
+        return False
+    records = [json.loads(line) for line in open(predictions)]
+    if [r["id"] for r in records] != [s.id for s in eval_samples]:
+        return False
+    results = json.load(open(os.path.join(sft, "eval.json")))
+    with open(os.path.join(config.out_dir, "eval_before.json"), "w") as f:
+        json.dump({k: v for k, v in results.items() if k not in ("headroom", "diagnostics")}, f, indent=2)
+    with open(os.path.join(config.out_dir, "eval_before_predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"before distillation: the SFT stage's evaluation of the same weights and samples ({sft}/eval.json)")
+    return True
+
+
 def finish(model, teacher, processor, eval_samples, config, world_size, notes, seconds, extra=None):
     """Rank 0, at the end: the final evaluation (evaluate.write_evaluation: eval.json with `extra`, its
     predictions, the cue-hint diagnostic), and report.md."""
@@ -505,7 +526,7 @@ def finish(model, teacher, processor, eval_samples, config, world_size, notes, s
         before = json.load(open(before_file))
         before_records = [json.loads(line) for line in open(before_file.replace(".json", "_predictions.jsonl"))]
     cue_hint = (lambda s: teacher_messages(s, "cues")) if any(s.cue for s in eval_samples) else None
-    if not config.eval_extras:
+    if not config.eval_extras or (teacher is None and not config.data):  # an embedded SFT run: headroom has it
         cue_hint = None
     _, table = write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval.json"),
                                 **evaluation_settings(config), diagnostic_messages=cue_hint, before=before,
@@ -547,7 +568,7 @@ def train(config, rank, world_size):
             print(f"exact distillation gap before, on {len(prompts)} prompts x {config.gap_rollouts} samples: "
                   f"{gap_before['gap']:.5f} ± {gap_before['gap_se']:.5f} nats a token")
             log_file.write(json.dumps({"step": step, "distill_gap": gap_before}) + "\n")
-        if not config.resume and config.eval_extras:
+        if not config.resume and config.eval_extras and not reuse_sft_evaluation(config, eval_samples):
             print("before distillation:")
             write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval_before.json"),
                              **evaluation_settings(config))

@@ -165,6 +165,12 @@ def test_distillation_modes_run_end_to_end(flags, tmp_path):
     assert set(gap) == {"before", "after", "before_se", "after_se"} and gap["before_se"] > 0
     assert all(r["rollout_length"] > 0 for r in log)
     assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
+    # the SFT stage measured its headroom on the validation split; its evaluation is the one before distilling
+    sft = json.load(open(tmp_path / "sft" / "eval.json"))
+    assert set(sft["headroom"]["criteria"]) == {"base - majority answer", "base + cue hint - base",
+                                                "base + answer hint - base"} and sft["headroom"]["samples"] == 10
+    assert json.load(open(tmp_path / "eval_before.json"))["per_family"] == sft["per_family"]
+    assert open(tmp_path / "eval_before_predictions.jsonl").read() == open(tmp_path / "sft" / "eval_predictions.jsonl").read()
     if "--mode=opd" in flags:
         assert all(r["privilege_gap"] == 0 for r in log)
     if "--mode=ptdpo" in flags:
