@@ -420,17 +420,17 @@ def main(argv):
     for path in [p for p in (config.init_from, config.teacher) if p]:
         if not os.path.isdir(path):
             sys.exit(f"error: {path} is not a checkpoint directory")
+    seeded = config.seed_rows.split(",") if config.seed_rows else names
+    if set(seeded) - set(names):
+        sys.exit(f"error: --seed_rows: {sorted(set(seeded) - set(names))} are not in --rows")
     grid = table_commands(folder, seeds[:1], lrs, sft, teacher, train_flags, threads, names, validate=True)
     print(f"the paper's tables: {len(needed)} starting run(s), a grid of {len(grid)} runs (seed {seeds[0]}), then "
-          f"{len(names) * (len(seeds) - 1)} at the chosen rates, {config.jobs} at a time with {threads} thread(s) "
+          f"{len(seeded) * (len(seeds) - 1)} at the chosen rates, {config.jobs} at a time with {threads} thread(s) "
           f"each, into {folder}/ (each command in <run>/command.txt, its output in <run>.log)")
     run_commands(needed, config.jobs)
     run_commands(grid, config.jobs)
     chosen = choose_lr(folder, names, lrs, seeds[0])
     print("chosen on the validation split: " + ", ".join(f"{n} {lr}" for n, lr in chosen.items()))
-    seeded = config.seed_rows.split(",") if config.seed_rows else names
-    if set(seeded) - set(names):
-        sys.exit(f"error: --seed_rows: {sorted(set(seeded) - set(names))} are not in --rows")
     run_commands(table_commands(folder, seeds[1:], {n: [chosen[n]] for n in seeded}, sft, teacher, train_flags, threads,
                                 seeded, validate=False), config.jobs)
     text = write_tables(folder, seeds, names, lrs, chosen, (time.time() - start) / 60)
