@@ -75,10 +75,11 @@ class Config:
     resume: bool = False             # continue from out_dir/ckpt
     max_length: int = 512            # longest prompt + completion, in tokens
     max_new_tokens: int = 96         # evaluation and rollouts
-    eval_batch_size: int = 256       # prompts per batch in evaluation and the exact gap (the tiny model is overhead-bound)
+    eval_batch_size: int = 256       # prompts per batch in evaluation and the exact gap
     # on-policy distillation
     teacher: str = "self"            # 'self' (a frozen copy of the starting student) or a model name / checkpoint
-    privilege: str = ""              # none | answer | rationale | cues | cues+crops; empty = the mode's default
+    privilege: str = ""              # none | answer | rationale | cues | cues+crops | unrelated_cues (a control);
+                                     # empty = the mode's default
     loss: str = "sampled_rkl"        # sampled_rkl (the paper's) | fkl | rkl | jsd | topk_jsd
     beta: float = 0.5                # jsd / topk_jsd mixture weight
     top_k: int = 100                 # topk_jsd: the student's top-K tokens

@@ -23,7 +23,7 @@ def test_help_lists_every_config_key_with_its_type_default_and_comment(capsys):
     printed = capsys.readouterr().out
     for field in dataclasses.fields(train.Config):
         assert f"--{field.name}={field.default!r}" in printed, field.name
-    assert "--lr=0.0002" in printed and "float  peak learning rate" in printed            # type and comment
+    assert "--lr=2e-05" in printed and "float  peak learning rate" in printed             # type and comment
     assert "\n ViCuR: the student's sink-token cue recovery module" in printed          # the dataclass's groups
     assert all(f"  {name}: " in printed for name in train.PRESETS)
     with pytest.raises(SystemExit) as stop:
