@@ -179,14 +179,20 @@ def pooled_delta(runs, row, against, domain="in-domain"):
     return 100 * value, 100 * se
 
 
-def pooled_change(summaries, key, before="before", after="after"):
-    """The mean over seeds of summary[key][after] - summary[key][before] and its SE, sqrt(sum of the
-    four-way variances) / S, treating the before and after estimates as independent."""
+def mean_difference(terms):
+    """[(x, se_x, y, se_y)] of independent estimates, one per seed -> (mean of x - y, its SE
+    sqrt(sum of se_x^2 + se_y^2) / S)."""
+    return (sum(x - y for x, _, y, _ in terms) / len(terms),
+            sum(se_x ** 2 + se_y ** 2 for _, se_x, _, se_y in terms) ** 0.5 / len(terms))
+
+
+def pooled_change(summaries, key):
+    """The mean over seeds of summary[key]'s after - before and its SE (mean_difference: the before and
+    after estimates treated as independent); None when no summary has the key."""
     values = [s[key] for s in summaries if key in s]
     if not values:
         return None
-    change = sum(v[after] - v[before] for v in values) / len(values)
-    return change, sum(v[f"{after}_se"] ** 2 + v[f"{before}_se"] ** 2 for v in values) ** 0.5 / len(values)
+    return mean_difference([(v["after"], v["after_se"], v["before"], v["before_se"]) for v in values])
 
 
 def verdict(value, se, relation):
@@ -261,9 +267,8 @@ def claims_and_sanity(runs, grid):
                                     "distill_gap", "before"),
                                    ("PTD-PO's entropy after > GRPO's", "ptdpo", "grpo", "entropy", "after")):
         if a in runs and b in runs:
-            pairs = [(runs[a][s][key], runs[b][s][key]) for s in runs[a] if s in runs[b]]
-            value = sum(x[when] - y[when] for x, y in pairs) / len(pairs)
-            se = sum(x[f"{when}_se"] ** 2 + y[f"{when}_se"] ** 2 for x, y in pairs) ** 0.5 / len(pairs)
+            value, se = mean_difference([(runs[a][s][key][when], runs[a][s][key][f"{when}_se"], runs[b][s][key][when],
+                                          runs[b][s][key][f"{when}_se"]) for s in runs[a] if s in runs[b]])
             lines.append(f"| {claim} | {interval(value, se, 5)} (nats) | {verdict(value, se, '>0')} |")
     lines += ["", "| sanity property | measured | holds |", "|---|---|---|"]
     if "opd" in runs:
