@@ -241,7 +241,8 @@ def exact_gap(student, teacher, processor, prompts, privilege, max_length, max_n
     samples at temperature 1 for each fixed prompt; the teacher under its own context x_T), with a
     bootstrap standard error over prompts; and the sampled reward of the same rollouts with its
     standard error, and the student's entropy H(pi_S) on them (a token mean, bootstrap SE).
-    -> {"gap", "gap_se", "entropy", "entropy_se", "reward", "reward_se"}."""
+    -> {"gap", "gap_se", "entropy", "entropy_se", "reward", "reward_se", "per_prompt"}; per_prompt holds
+    each prompt's sums ("kl", "entropy"), token count and mean reward, for gap_change's pairing."""
     was_training = student.training
     student.eval()
     kl_sums, entropy_sums, token_counts, rewards = [], [], [], []
@@ -268,15 +269,41 @@ def exact_gap(student, teacher, processor, prompts, privilege, max_length, max_n
             rewards.append(sum(score_sample(t, chunk[i]) for t in rollout.texts[i * rollouts:(i + 1) * rollouts])
                            / rollouts)
     student.train(was_training)
-    kl_sums, entropy_sums, token_counts, rewards = (torch.tensor(v, dtype=torch.float64)
-                                                    for v in (kl_sums, entropy_sums, token_counts, rewards))
-    # bootstrap over prompts: resample prompts with replacement, the token-weighted mean of each resample
-    picks = torch.randint(len(prompts), (resamples, len(prompts)), generator=torch.Generator().manual_seed(seed))
-    token_mean = lambda sums: (sums.sum() / token_counts.sum().clamp_min(1)).item()  # noqa: E731
-    bootstrap_se = lambda sums: (sums[picks].sum(1) / token_counts[picks].sum(1).clamp_min(1)).std().item()  # noqa: E731
-    return {"gap": token_mean(kl_sums), "gap_se": bootstrap_se(kl_sums),
-            "entropy": token_mean(entropy_sums), "entropy_se": bootstrap_se(entropy_sums),
-            "reward": rewards.mean().item(), "reward_se": (rewards.std() / len(rewards) ** 0.5).item()}
+    per_prompt = {name: torch.tensor(v, dtype=torch.float64) for name, v in
+                  (("kl", kl_sums), ("entropy", entropy_sums), ("tokens", token_counts), ("reward", rewards))}
+    picks = bootstrap_picks(len(prompts), resamples, seed)
+    result = {"per_prompt": per_prompt, "reward": per_prompt["reward"].mean().item(),
+              "reward_se": (per_prompt["reward"].std() / len(prompts) ** 0.5).item()}
+    for key, sums in (("gap", "kl"), ("entropy", "entropy")):
+        result[key] = (per_prompt[sums].sum() / per_prompt["tokens"].sum().clamp_min(1)).item()
+        result[f"{key}_se"] = resampled_token_means(per_prompt[sums], per_prompt["tokens"], picks).std().item()
+    return result
+
+
+def bootstrap_picks(count, resamples, seed):
+    """(resamples, count) indices: prompts drawn with replacement, the same draws for a before and an after."""
+    return torch.randint(count, (resamples, count), generator=torch.Generator().manual_seed(seed))
+
+
+def resampled_token_means(sums, tokens, picks):
+    """A per-prompt sum's token-weighted mean sum_i s_i / sum_i n_i on each resample of prompts: (resamples,)."""
+    return sums[picks].sum(1) / tokens[picks].sum(1).clamp_min(1)
+
+
+def gap_change(before, after, resamples=1000, seed=0):
+    """after - before of exact_gap's three numbers on its fixed prompts, with SEs paired by prompt (a
+    prompt's difficulty cancels): a token mean's change and its bootstrap SE from the same resampled
+    prompts for both; the reward's mean per-prompt difference and its SE. -> {name: (change, se)}."""
+    b, a = before["per_prompt"], after["per_prompt"]
+    picks = bootstrap_picks(len(b["reward"]), resamples, seed)
+    change = {}
+    for key, sums in (("gap", "kl"), ("entropy", "entropy")):
+        resampled = (resampled_token_means(a[sums], a["tokens"], picks)
+                     - resampled_token_means(b[sums], b["tokens"], picks))
+        change[key] = (after[key] - before[key], resampled.std().item())
+    differences = a["reward"] - b["reward"]                      # (prompts,)
+    change["reward"] = (differences.mean().item(), (differences.std() / len(differences) ** 0.5).item())
+    return change
 
 
 def gap_prompts(config, samples):
@@ -295,11 +322,21 @@ def measure_gap(model, teacher, processor, prompts, privilege, config):
                      rollouts=config.gap_rollouts, seed=config.seed, batch_size=config.eval_batch_size)
 
 
-def gap_line(before, after):
-    """The exact gap and the sampled reward, before -> after, with standard errors."""
-    return (f"exact distillation gap KL(student || teacher), nats a token: {before['gap']:.5f} ± {before['gap_se']:.5f} "
-            f"-> {after['gap']:.5f} ± {after['gap_se']:.5f}; sampled reward {before['reward']:.3f} ± "
-            f"{before['reward_se']:.3f} -> {after['reward']:.3f} ± {after['reward_se']:.3f}")
+def gap_report(before, after):
+    """eval.json's record of exact_gap before and after training, and its line for the report:
+    {"distill_gap" | "sampled_reward" | "entropy": {"before", "after", "before_se", "after_se", "change",
+    "change_se"}}, the change's SE paired by prompt (gap_change)."""
+    change = gap_change(before, after)
+    record = {key: {"before": before[name], "after": after[name], "before_se": before[f"{name}_se"],
+                    "after_se": after[f"{name}_se"], "change": change[name][0], "change_se": change[name][1]}
+              for key, name in (("distill_gap", "gap"), ("sampled_reward", "reward"), ("entropy", "entropy"))}
+    line = "; ".join(f"{label} {r['before']:.{digits}f} ± {r['before_se']:.{digits}f} -> {r['after']:.{digits}f} ± "
+                     f"{r['after_se']:.{digits}f}, change {r['change']:+.{digits}f} ± {1.96 * r['change_se']:.{digits}f} "
+                     f"(95%, paired by prompt)"
+                     for label, r, digits in (("exact distillation gap KL(student || teacher), nats a token:",
+                                               record["distill_gap"], 5),
+                                              ("sampled reward", record["sampled_reward"], 3)))
+    return record, line
 
 
 # the testbed's criteria (issue 16): room for every kind of teacher, in points of the in-domain average on

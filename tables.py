@@ -28,7 +28,9 @@ from evaluate import family_order, macro_interval
 from train import Config
 
 
-SFT_RECIPE = "--mode=sft --lr=1e-3 --warmup_steps=50"    # the default run's SFT stage; --max_steps=Config.sft_steps
+# the default run's SFT stage as a run of its own (its sft_* fields); --max_steps=Config.sft_steps
+SFT_RECIPE = (f"--mode=sft --lr={Config.sft_lr:g} --warmup_steps={Config.sft_warmup_steps} "
+              f"--batch_size={Config.sft_batch_size}")
 TEACHER_RECIPE = f"{SFT_RECIPE} --max_steps=1600 --student=tiny-large"  # OPD's stronger teacher (docs/testbed.md)
 LR_GRID = "2e-5,6e-5,2e-4"  # one grid for every row; each row's rate is chosen on the validation split
 GROUPS = "--batch_size=8 --num_rollouts=4"  # GRPO and PTD-PO: 8 groups of 4 = the 32 completions of every row's step
@@ -187,12 +189,13 @@ def mean_difference(terms):
 
 
 def pooled_change(summaries, key):
-    """The mean over seeds of summary[key]'s after - before and its SE (mean_difference: the before and
-    after estimates treated as independent); None when no summary has the key."""
+    """The mean over seeds of summary[key]'s after - before, and its SE sqrt(sum_s se_s^2) / S from each
+    seed's SE paired by prompt (distill.gap_change); None when no summary has the key."""
     values = [s[key] for s in summaries if key in s]
     if not values:
         return None
-    return mean_difference([(v["after"], v["after_se"], v["before"], v["before_se"]) for v in values])
+    return (sum(v["change"] for v in values) / len(values),
+            sum(v["change_se"] ** 2 for v in values) ** 0.5 / len(values))
 
 
 def verdict(value, se, relation):

@@ -31,7 +31,7 @@ import cue_recovery
 from checkpoint import load_train_state, save_checkpoint, saved_run
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device, validation_world, EVAL_SAMPLES, VALIDATION_SAMPLES)
-from distill import (check_same_tokenizer, gap_line, gap_prompts, headroom, hint_text, measure_gap, microbatch_loss,
+from distill import (check_same_tokenizer, gap_prompts, gap_report, headroom, hint_text, measure_gap, microbatch_loss,
                      rollout_completions, teacher_messages, timed, unrelated_cues)
 from evaluate import evaluate, write_evaluation
 from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
@@ -550,6 +550,11 @@ def finish(model, teacher, processor, eval_samples, config, world_size, notes, s
                 + "".join(f"{n}\n\n" for n in notes))
 
 
+def without_per_prompt(gap):
+    """exact_gap's numbers for log.jsonl, without the per-prompt tensors that gap_report pairs."""
+    return {key: value for key, value in gap.items() if key != "per_prompt"}
+
+
 def train(config, rank, world_size):
     """One run of one mode: load, (distill from a teacher or SFT), save, evaluate, report."""
     start_time = time.time()
@@ -568,7 +573,7 @@ def train(config, rank, world_size):
         if gap_before:
             print(f"exact distillation gap before, on {len(prompts)} prompts x {config.gap_rollouts} samples: "
                   f"{gap_before['gap']:.5f} ± {gap_before['gap_se']:.5f} nats a token")
-            log_file.write(json.dumps({"step": step, "distill_gap": gap_before}) + "\n")
+            log_file.write(json.dumps({"step": step, "distill_gap": without_per_prompt(gap_before)}) + "\n")
         if not config.resume and config.eval_extras and not reuse_sft_evaluation(config, eval_samples):
             print("before distillation:")
             write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval_before.json"),
@@ -609,11 +614,9 @@ def train(config, rank, world_size):
         notes, extra = [], {}
         if teacher is not None and gap_before:
             gap_after = measure_gap(model, teacher, processor, prompts, privilege, config)
-            notes.append(gap_line(gap_before, gap_after))
-            log_file.write(json.dumps({"step": config.max_steps, "distill_gap": gap_after}) + "\n")
-            extra = {key: {"before": gap_before[name], "after": gap_after[name], "before_se": gap_before[f"{name}_se"],
-                           "after_se": gap_after[f"{name}_se"]}
-                     for key, name in (("distill_gap", "gap"), ("sampled_reward", "reward"), ("entropy", "entropy"))}
+            log_file.write(json.dumps({"step": config.max_steps, "distill_gap": without_per_prompt(gap_after)}) + "\n")
+            extra, line = gap_report(gap_before, gap_after)
+            notes.append(line)
             extra |= {"gap_prompts": len(prompts), "gap_rollouts": config.gap_rollouts}
         if teacher is None and not config.data:  # an SFT run on the embedded world: the room it leaves teachers
             extra["headroom"], text = headroom(model, processor, validation_world(config.num_validation, seed=config.seed),

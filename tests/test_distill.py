@@ -242,3 +242,33 @@ def test_headroom_pairs_each_criterion_on_the_same_samples(tiny):
     assert criteria["base - majority answer"]["value"] == pytest.approx(rows["base"] - rows["majority answer"], abs=1e-9)
     assert criteria["stronger teacher - base"]["value"] == 0 and not criteria["stronger teacher - base"]["met"]
     assert "NOT met" in text
+
+
+def test_gap_change_pairs_before_and_after_by_prompt():
+    """The change's SE resamples the same prompts for before and after, so a prompt's own level cancels:
+    here every prompt's gap moves by -10% of a level that varies 100-fold, and the paired SE is far below
+    the unpaired sqrt(se_before^2 + se_after^2). The reward's SE is that of per-prompt differences."""
+    import statistics
+    from distill import bootstrap_picks, gap_change
+    levels = torch.logspace(-3, -1, 64, dtype=torch.float64)                 # per-prompt gap, nats a token
+    tokens = torch.arange(64, dtype=torch.float64) % 7 + 3
+    reward_before = (torch.arange(64) % 3 == 0).double()
+    reward_after = reward_before.clone()
+    reward_after[:8] = 1.0                                                   # 5 of 8 prompts gain a right answer
+    def gap_of(scale, rewards):
+        per_prompt = {"kl": levels * scale * tokens, "entropy": tokens * 0.5, "tokens": tokens, "reward": rewards}
+        picks = bootstrap_picks(64, 1000, 0)
+        resampled = per_prompt["kl"][picks].sum(1) / tokens[picks].sum(1)
+        return {"per_prompt": per_prompt, "gap": (per_prompt["kl"].sum() / tokens.sum()).item(),
+                "gap_se": resampled.std().item(), "entropy": 0.5, "entropy_se": 0.0, "reward": rewards.mean().item()}
+    before, after = gap_of(1.0, reward_before), gap_of(0.9, reward_after)
+    change = gap_change(before, after)
+    assert change["gap"][0] == pytest.approx(-0.1 * before["gap"], rel=1e-12)
+    # every resample's change is exactly -0.1 of its before: the paired SE is 0.1 of before's SE (float64 sums)
+    assert change["gap"][1] == pytest.approx(0.1 * before["gap_se"], rel=1e-9)
+    unpaired = (before["gap_se"] ** 2 + after["gap_se"] ** 2) ** 0.5
+    assert change["gap"][1] < unpaired / 10                                  # what pairing buys here
+    differences = (reward_after - reward_before).tolist()
+    assert change["reward"][0] == pytest.approx(statistics.mean(differences), abs=1e-15)
+    assert change["reward"][1] == pytest.approx(statistics.stdev(differences) / 8, rel=1e-12)
+    assert change["entropy"] == (0.0, 0.0)

@@ -38,7 +38,7 @@ def cells_of(text, row):
 
 
 def gap(before, after, se=0.001):
-    return {"before": before, "after": after, "before_se": se, "after_se": se}
+    return {"before": before, "after": after, "before_se": se, "after_se": se, "change": after - before, "change_se": se / 4}
 
 
 def test_the_seed_table_by_hand(tmp_path):
@@ -98,7 +98,8 @@ def test_the_seed_table_by_hand(tmp_path):
     assert "| answer hint (OPSD) |" in ablation and "| full ViCuR: cue hint + module |" in ablation
     assert "+ cue hint only" not in ablation                                  # a row that did not run
     assert "| OPSD+ViCuR > OPSD |" in text
-    assert "| OPSD: some rate lowers its exact gap" in text                 # a grid row of the sanity table
+    # the sanity table: each rate's paired change; OPSD's lowest at 1e-4, +0.001 ± 1.96 * 0.00025: does not fall
+    assert "| OPSD: some rate lowers its exact gap (lowest: lr 1e-4, +0.00100 ± 0.00049) |" in text
     assert sorted(p.name for p in tmp_path.glob("curves_*.png")) == ["curves_ablation.png", "curves_teachers.png"]
 
 

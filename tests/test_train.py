@@ -162,7 +162,8 @@ def test_distillation_modes_run_end_to_end(flags, tmp_path):
     assert all(DISTILL_METRICS <= set(r) for r in log)
     assert [r["step"] for r in records if "distill_gap" in r] == [0, 2]        # before and after
     gap = json.load(open(tmp_path / "eval.json"))["distill_gap"]
-    assert set(gap) == {"before", "after", "before_se", "after_se"} and gap["before_se"] > 0
+    assert set(gap) == {"before", "after", "before_se", "after_se", "change", "change_se"} and gap["before_se"] > 0
+    assert gap["change"] == pytest.approx(gap["after"] - gap["before"], abs=1e-12)
     assert all(r["rollout_length"] > 0 for r in log)
     assert os.path.exists(tmp_path / "eval_before.json") and os.path.exists(tmp_path / "eval.json")
     # the SFT stage measured its headroom on the validation split; its evaluation is the one before distilling
