@@ -276,7 +276,7 @@ def claims_and_sanity(runs, grid):
     lines += ["", "| sanity property | measured | holds |", "|---|---|---|"]
     if "opd" in runs:
         change = pooled_change(list(runs["opd"].values()), "distill_gap")
-        lines.append(f"| OPD's exact gap falls | {interval(*change, 5)} | {verdict(-change[0], change[1], '>0') == 'supported'} |")
+        lines.append(f"| OPD's exact gap falls | {interval(*change, 6)} | {verdict(-change[0], change[1], '>0') == 'supported'} |")
     if "opd" in runs and "teacher_eval" in runs:
         mean = lambda row: sum(s["in_domain_avg"] for s in runs[row].values()) / len(runs[row])  # noqa: E731
         share = (mean("opd") - mean("base")) / (mean("teacher_eval") - mean("base"))
@@ -289,8 +289,8 @@ def claims_and_sanity(runs, grid):
         falls = {lr: pooled_change([s], "distill_gap") for lr, s in grid[name].items()}
         best = min(falls, key=lambda lr: falls[lr][0])
         lines.append(f"| {TABLE_RUNS[name][0]}: some rate lowers its exact gap (lowest: lr {best}, "
-                     f"{interval(*falls[best], 5)}) | "
-                     + ", ".join(f"{lr}: {falls[lr][0]:+.5f}" for lr in falls)
+                     f"{interval(*falls[best], 6)}) | "
+                     + ", ".join(f"{lr}: {falls[lr][0]:+.6f}" for lr in falls)
                      + f" | {any(verdict(-v, se, '>0') == 'supported' for v, se in falls.values())} |")
     return "\n".join(lines)
 

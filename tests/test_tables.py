@@ -99,7 +99,7 @@ def test_the_seed_table_by_hand(tmp_path):
     assert "+ cue hint only" not in ablation                                  # a row that did not run
     assert "| OPSD+ViCuR > OPSD |" in text
     # the sanity table: each rate's paired change; OPSD's lowest at 1e-4, +0.001 ± 1.96 * 0.00025: does not fall
-    assert "| OPSD: some rate lowers its exact gap (lowest: lr 1e-4, +0.00100 ± 0.00049) |" in text
+    assert "| OPSD: some rate lowers its exact gap (lowest: lr 1e-4, +0.001000 ± 0.000490) |" in text
     assert sorted(p.name for p in tmp_path.glob("curves_*.png")) == ["curves_ablation.png", "curves_teachers.png"]
 
 
