@@ -282,17 +282,13 @@ def bench_cue_recovery(args, device):
 # ---------------------------------------------------------------------------
 # rollouts: our sampling loop against transformers' generate, same model, batch and tokens
 
-def bench_rollout(args, device):
-    """Greedy decoding of the same batch by rollout.sample_completions and by model.generate (which must
-    agree token for token), timed in alternating rounds; new tokens per second, medians."""
+def time_rollout(model, processor, batch_size, args, device):
+    """Greedy decoding of one batch of batch_size prompts by rollout.sample_completions and by
+    model.generate (which must agree token for token), in alternating rounds -> (new tokens, median
+    seconds of ours, median seconds of generate)."""
     from data import collate, eval_world, student_messages
-    from model import load_model
     from rollout import sample_completions
-    if args.sink_model == "2b":
-        raise SystemExit("--rollout times a tiny model (--sink_model=tiny or tiny-large): the 2B shapes have no tokenizer")
-    model, processor = load_model(args.sink_model, device=device)
-    model.eval()
-    samples = eval_world(args.batch, seed=1)
+    samples = eval_world(batch_size, seed=1)
     batch = {k: v.to(device) for k, v in collate(processor, [student_messages(s) for s in samples]).items()}
     width = batch["input_ids"].shape[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -312,16 +308,37 @@ def bench_rollout(args, device):
             tokens_of[name] = ids
     ours, theirs = tokens_of["ours"], tokens_of["generate"]
     assert torch.equal(ours[:, :theirs.shape[1]], theirs), "our greedy tokens differ from generate's"
-    tokens = args.batch * theirs.shape[1]
-    print(f"device {device}; model {args.sink_model}; batch {args.batch} x {theirs.shape[1]} new tokens "
-          f"(greedy, identical tokens); median of {len(times['ours'])} alternating rounds")
-    median = {name: statistics.median(seconds) for name, seconds in times.items()}
-    for name in ("generate", "ours"):
-        print(f"{name:<9} {median[name]:>8.3f} s {tokens / median[name]:>10.0f} tokens/s")
-    ratio = median["generate"] / median["ours"]
-    print(f"throughput ratio ours / generate: {ratio:.2f} (goal >= 1)")
-    return [(f"sampling: tokens/s, batch {args.batch} x {theirs.shape[1]} greedy", f"{tokens / median['ours']:.0f}",
-             f"{tokens / median['generate']:.0f} (generate)", ratio, ">= 1")]
+    return batch_size * theirs.shape[1], statistics.median(times["ours"]), statistics.median(times["generate"])
+
+
+def bench_rollout(args, device):
+    """Tokens per second of our sampler against model.generate on the same greedy tokens, at each
+    batch size of --rollout_batches (medians of alternating rounds); and how sampling scales from
+    batch 2 (the presets' micro-batch) to the largest batch: train.draw_rollouts samples a step's
+    prompts together for that reason."""
+    from model import load_model
+    if args.sink_model == "2b":
+        raise SystemExit("--rollout times a tiny model (--sink_model=tiny or tiny-large): the 2B shapes have no tokenizer")
+    model, processor = load_model(args.sink_model, device=device)
+    model.eval()
+    sizes = [int(size) for size in args.rollout_batches.split(",")]
+    print(f"device {device}; model {args.sink_model}; {args.decode_steps} new tokens a prompt at most (greedy, "
+          f"identical tokens); median of {max(args.repeats, 5)} alternating rounds")
+    print(f"{'batch':>5} {'ours tokens/s':>14} {'generate tokens/s':>18} {'ratio':>6}")
+    rows, throughput = [], {}
+    for size in sizes:
+        tokens, ours, theirs = time_rollout(model, processor, size, args, device)
+        throughput[size] = tokens / ours
+        print(f"{size:>5} {tokens / ours:>14.0f} {tokens / theirs:>18.0f} {theirs / ours:>6.2f}")
+        rows.append((f"sampling: tokens/s, batch {size} greedy", f"{tokens / ours:.0f}", f"{tokens / theirs:.0f} (generate)",
+                     theirs / ours, ">= 1"))
+    if 2 in throughput and max(sizes) > 2:
+        largest = max(sizes)
+        scale = throughput[largest] / throughput[2]
+        print(f"batch {largest} against batch 2, tokens/s: {scale:.2f}")
+        rows.append((f"sampling: tokens/s at batch {largest} over batch 2 (ours)", f"{throughput[largest]:.0f}",
+                     f"{throughput[2]:.0f} (batch 2)", scale, ">= 4"))
+    return rows
 
 
 # ---------------------------------------------------------------------------
@@ -368,12 +385,12 @@ def bench_train_step(args, device):
 # training steps' shares 0.16 and 0.13
 PARTS = {
     "divergences": (bench_divergences, {}),
-    "rollout": (bench_rollout, {"batch": 8, "decode_steps": 32, "repeats": 15}),
+    "rollout": (bench_rollout, {"rollout_batches": "1,2,8,32", "decode_steps": 32, "repeats": 15}),
     "train_step": (bench_train_step, {"batch": 16, "decode_steps": 96, "repeats": 10}),
     "sink": (bench_cue_recovery, {"batch": 8, "decode_steps": 16, "repeats": 15}),
 }
 SIZE_FLAGS = ("tokens", "vocab", "top_k", "top_m", "chunk_size", "repeats", "ckpt", "sink_model", "grid", "batch",
-              "decode_steps")
+              "rollout_batches", "decode_steps")
 ROW_FIELDS = ("what", "ours", "reference", "ratio", "goal")
 TOLERANCE = 0.15  # --check: the largest relative difference between a row in --all and alone
 
@@ -516,7 +533,9 @@ def parse_args(argv):
     parser.add_argument("--sink_model", default="tiny",
                         help="--sink, --rollout: tiny | tiny-large | 2b (random, Qwen3-VL-2B shapes; --sink only)")
     parser.add_argument("--grid", type=int, default=32, help="--sink 2b: patches per image side (32 -> 256 visual tokens)")
-    parser.add_argument("--batch", type=int, default=8, help="--sink, --rollout, --train_step: prompts per batch")
+    parser.add_argument("--batch", type=int, default=8, help="--sink, --train_step: prompts per batch")
+    parser.add_argument("--rollout_batches", default="1,2,8,32",
+                        help="--rollout: the batch sizes to time (with 2 and a larger one: their tokens/s ratio)")
     parser.add_argument("--decode_steps", type=int, default=32,
                         help="--sink, --rollout: tokens decoded; --train_step: the rollouts' most new tokens")
     return parser.parse_args(argv)

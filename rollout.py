@@ -19,7 +19,6 @@ from data import model_inputs
 
 @dataclass
 class Rollout:
-    prompt: dict                      # the collated prompt batch, left padded (B, P)
     completion_ids: torch.Tensor      # (B, T) sampled tokens, pad after the end of turn
     completion_mask: torch.Tensor     # (B, T) 1 on generated tokens, the end-of-turn token included
     logprobs: torch.Tensor            # (B, T) log pi_old(y_t), 0 where masked
@@ -28,6 +27,25 @@ class Rollout:
     @property
     def lengths(self):
         return self.completion_mask.sum(-1)
+
+
+def cat_rollouts(rollouts, pad_id):
+    """One Rollout of the rows of several, in order, completions right-padded to the longest."""
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+    pad = lambda tensor, value: torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)  # noqa: E731
+    return Rollout(completion_ids=torch.cat([pad(r.completion_ids, pad_id) for r in rollouts]),
+                   completion_mask=torch.cat([pad(r.completion_mask, 0) for r in rollouts]),
+                   logprobs=torch.cat([pad(r.logprobs, 0.0) for r in rollouts]),
+                   texts=[text for r in rollouts for text in r.texts])
+
+
+def split_rollout(rollout, sizes):
+    """The rows of a Rollout as consecutive Rollouts of `sizes` rows each."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [Rollout(completion_ids=rollout.completion_ids[start:start + size],
+                    completion_mask=rollout.completion_mask[start:start + size],
+                    logprobs=rollout.logprobs[start:start + size], texts=rollout.texts[start:start + size])
+            for start, size in zip(starts, sizes)]
 
 
 def repeat_batch(batch, n):
@@ -148,5 +166,5 @@ def sample_completions(model, processor, batch, n=1, temperature=1.0, top_p=1.0,
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = torch.stack(masks, dim=1).long()
     texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True)
-    return Rollout(prompt=batch, completion_ids=completion_ids, completion_mask=completion_mask,
+    return Rollout(completion_ids=completion_ids, completion_mask=completion_mask,
                    logprobs=torch.stack(logprobs, dim=1), texts=[t.strip() for t in texts])

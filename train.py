@@ -36,7 +36,7 @@ from distill import (check_same_tokenizer, gap_prompts, gap_report, headroom, hi
 from evaluate import evaluate, write_evaluation
 from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
 from optim import FlatAdamW
-from rollout import sample_completions
+from rollout import cat_rollouts, sample_completions, split_rollout
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Config:
     beta: float = 0.5                # jsd / topk_jsd mixture weight
     top_k: int = 100                 # topk_jsd: the student's top-K tokens
     num_rollouts: int = 1            # completions per prompt (ptdpo: the group, at least 2; the paper's 8)
+    rollout_batch_size: int = 0      # prompts sampled together, per rank; 0 = all of a step's (batch_size x grad_accum)
     temperature: float = 1.0         # sampling temperature of the rollouts
     gap_prompts: int = 512           # the exact distillation gap: this many fixed validation prompts ...
     gap_rollouts: int = 2            # ... times this many seeded student samples (0 prompts: not measured)
@@ -322,23 +323,39 @@ def load_teacher(config, student, processor):
     return teacher
 
 
-def draw_rollouts(student, processor, samples, micro_step, rank, world_size, config):
-    """(rows, rollout, completions) of this rank for one micro-batch: its slice of the seeded global
-    batch, num_rollouts samples of the student each. Every rollout draws from its own generator, seeded
-    by its place in the global batch, so it is the same token for token whichever rank samples it and
-    whatever shares its batch (up to float rounding)."""
+def step_prompts(samples, micro_step, rank, world_size, config):
+    """(prompts, generators) of this rank for one micro-batch: its slice of the seeded global batch and
+    one generator per rollout (num_rollouts per prompt), seeded by its place in the global batch, so
+    that a rollout is the same token for token whichever rank samples it and whatever shares its
+    batch (up to float rounding)."""
     rng = step_rng(config, micro_step)
     global_size, n = config.batch_size * world_size, config.num_rollouts
     chosen = [samples[rng.randrange(len(samples))] for _ in range(global_size)]
     seeds = [rng.randrange(2**62) for _ in range(global_size * n)]
     mine = range(rank, global_size, world_size)
-    prompts = [chosen[i] for i in mine]
     generators = [torch.Generator(device=config.device).manual_seed(seeds[i * n + j]) for i in mine for j in range(n)]
-    # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
-    prompt = collate(processor, [student_messages(s) for s in prompts], max_length=config.max_length - config.max_new_tokens)
-    rollout = sample_completions(student, processor, to_device(prompt, config.device), n=n, temperature=config.temperature,
-                     max_new_tokens=config.max_new_tokens, generator=generators)
-    return [s for s in prompts for _ in range(n)], rollout, rollout_completions(rollout)
+    return [chosen[i] for i in mine], generators
+
+
+def draw_rollouts(student, processor, samples, step, rank, world_size, config):
+    """[(rows, rollout, completions)] of this rank, one per micro-batch of the step. The step's prompts
+    are sampled together, rollout_batch_size at a time (0: all at once), whatever the micro-batch
+    that trains on them: decoding is one forward per token, so a larger batch costs about the same
+    number of forwards for more rollouts."""
+    micro = [step_prompts(samples, step * config.grad_accum + m, rank, world_size, config)
+             for m in range(config.grad_accum)]
+    prompts, generators = [p for ps, _ in micro for p in ps], [g for _, gs in micro for g in gs]
+    size, n = config.rollout_batch_size or len(prompts), config.num_rollouts
+    rollouts = []
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start:start + size]
+        # the prompt must leave room for max_new_tokens, so that scoring never exceeds max_length
+        batch = collate(processor, [student_messages(s) for s in chunk], max_length=config.max_length - config.max_new_tokens)
+        rollouts.append(sample_completions(student, processor, to_device(batch, config.device), n=n,
+                                           temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                                           generator=generators[start * n:(start + len(chunk)) * n]))
+    parts = split_rollout(cat_rollouts(rollouts, processor.tokenizer.pad_token_id), [len(ps) * n for ps, _ in micro])
+    return [([s for s in ps for _ in range(n)], part, rollout_completions(part)) for (ps, _), part in zip(micro, parts)]
 
 
 def step_metric_names(config, has_module):
@@ -360,8 +377,7 @@ def distill_step(student, teacher, optimizer, processor, samples, step, rank, wo
     with --loss_agg=seq-mean, N is its sequences and each token weighs 1 / |y| of its own."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
     with timed(times, "sample"):
-        drawn = [draw_rollouts(student, processor, samples, step * config.grad_accum + micro, rank, world_size, config)
-                 for micro in range(config.grad_accum)]
+        drawn = draw_rollouts(student, processor, samples, step, rank, world_size, config)
     # token-mean: N = the step's completion tokens; seq-mean: N = its sequences (each weighs 1 in total)
     def units(rollout):
         return int(rollout.completion_mask.sum()) if config.loss_agg == "token-mean" else len(rollout.texts)

@@ -305,3 +305,41 @@ def test_dry_run_prints_the_memory_plan_of_both_presets(capsys, monkeypatch):
         assert float(line.split()[-2]) == pytest.approx(weights_gib, abs=0.06)
         assert "total" in printed and "80 GB card" in printed
     assert train.parse_args(["--resume"]).resume is True
+
+
+def test_rollouts_sampled_in_chunks_reach_each_micro_batch_as_sampled_one_micro_batch_at_a_time(tiny, monkeypatch):
+    """draw_rollouts samples a step's prompts together, rollout_batch_size at a time; each micro-batch
+    must get its own prompts and, row for row, the rollouts of its own generators. A stand-in sampler
+    makes each row's tokens, length and log-probs a function of that row's generator alone, so the
+    comparison is exact (the real sampler's rows agree across batch shapes up to float rounding)."""
+    from rollout import Rollout
+    from data import make_world
+
+    def fake_sampler(model, processor, batch, n=1, generator=None, **settings):
+        assert len(generator) == batch["input_ids"].shape[0] * n
+        seeds = [g.initial_seed() for g in generator]
+        lengths = [1 + seed % 5 for seed in seeds]                         # rows of different lengths
+        width = max(lengths)
+        ids = torch.tensor([[seed % 97 if t < length else 0 for t in range(width)] for seed, length in zip(seeds, lengths)])
+        mask = torch.tensor([[int(t < length) for t in range(width)] for length in lengths])
+        return Rollout(completion_ids=ids, completion_mask=mask, logprobs=-mask * torch.tensor(seeds)[:, None] % 7.0,
+                       texts=[str(seed) for seed in seeds])
+    monkeypatch.setattr(train, "sample_completions", fake_sampler)
+    model, processor = tiny
+    samples = make_world(20, seed=1)
+    config = train.Config(batch_size=3, grad_accum=2, num_rollouts=2)
+
+    def drawn(rollout_batch_size, rank=0, world_size=1):
+        config.rollout_batch_size = rollout_batch_size
+        return train.draw_rollouts(model, processor, samples, 5, rank, world_size, config)
+    reference = drawn(3)                                   # one micro-batch at a time, as before
+    for size in (0, 1, 2, 4):
+        for (rows, rollout, completions), (ref_rows, ref_rollout, ref_completions) in zip(drawn(size), reference):
+            assert [s.id for s in rows] == [s.id for s in ref_rows] and completions == ref_completions
+            assert rollout.texts == ref_rollout.texts
+            mask = rollout.completion_mask.bool()
+            assert torch.equal(rollout.logprobs[mask], ref_rollout.logprobs[mask])
+    # the micro-batches are the seeded draws of steps 10 and 11 (step 5 x grad_accum 2): 3 prompts x 2 each
+    assert [len(rows) for rows, _, _ in reference] == [6, 6]
+    assert [s.id for s in reference[0][0][::2]] == [s.id for s in train.step_prompts(samples, 10, 0, 1, config)[0]]
+    assert [s.id for s in reference[1][0][::2]] == [s.id for s in train.step_prompts(samples, 11, 0, 1, config)[0]]
