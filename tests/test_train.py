@@ -322,16 +322,16 @@ def test_rollouts_sampled_in_chunks_reach_each_micro_batch_as_sampled_one_micro_
         width = max(lengths)
         ids = torch.tensor([[seed % 97 if t < length else 0 for t in range(width)] for seed, length in zip(seeds, lengths)])
         mask = torch.tensor([[int(t < length) for t in range(width)] for length in lengths])
-        return Rollout(completion_ids=ids, completion_mask=mask, logprobs=-mask * torch.tensor(seeds)[:, None] % 7.0,
-                       texts=[str(seed) for seed in seeds])
+        logprobs = -mask * (torch.tensor(seeds)[:, None] % 7 + 1).double()  # a row's own values, 0 where masked
+        return Rollout(completion_ids=ids, completion_mask=mask, logprobs=logprobs, texts=[str(seed) for seed in seeds])
     monkeypatch.setattr(train, "sample_completions", fake_sampler)
     model, processor = tiny
     samples = make_world(20, seed=1)
     config = train.Config(batch_size=3, grad_accum=2, num_rollouts=2)
 
-    def drawn(rollout_batch_size, rank=0, world_size=1):
+    def drawn(rollout_batch_size):
         config.rollout_batch_size = rollout_batch_size
-        return train.draw_rollouts(model, processor, samples, 5, rank, world_size, config)
+        return train.draw_rollouts(model, processor, samples, 5, 0, 1, config)
     reference = drawn(3)                                   # one micro-batch at a time, as before
     for size in (0, 1, 2, 4):
         for (rows, rollout, completions), (ref_rows, ref_rollout, ref_completions) in zip(drawn(size), reference):
