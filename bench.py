@@ -283,23 +283,23 @@ def bench_cue_recovery(args, device):
 # rollouts: our sampling loop against transformers' generate, same model, batch and tokens
 
 def time_rollout(model, processor, batch_size, args, device):
-    """Greedy decoding of one batch of batch_size prompts by rollout.sample_completions and by
-    model.generate (which must agree token for token), in alternating rounds -> (new tokens, median
-    seconds of ours, median seconds of generate)."""
+    """Greedy decoding of one batch of batch_size prompts by rollout.sample_completions (dynamic and
+    static KV cache) and by model.generate, which must all agree token for token, in alternating
+    rounds -> (new tokens, median seconds of ours, of ours with the static cache, of generate)."""
     from data import collate, eval_world, student_messages
     from rollout import sample_completions
     samples = eval_world(batch_size, seed=1)
     batch = {k: v.to(device) for k, v in collate(processor, [student_messages(s) for s in samples]).items()}
     width = batch["input_ids"].shape[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, tokens_of = {"ours": [], "generate": []}, {}
+    times, tokens_of = {"ours": [], "static": [], "generate": []}, {}
     for round_ in range(max(args.repeats, 5) + 1):                 # the first round warms up
         for name in times:
             sync()
             start = time.perf_counter()
-            if name == "ours":
-                ids = sample_completions(model, processor, batch, greedy=True,
-                                         max_new_tokens=args.decode_steps).completion_ids
+            if name in ("ours", "static"):
+                ids = sample_completions(model, processor, batch, greedy=True, max_new_tokens=args.decode_steps,
+                                         static_cache=name == "static").completion_ids
             else:
                 ids = model.generate(**batch, max_new_tokens=args.decode_steps, do_sample=False)[:, width:]
             sync()
@@ -308,7 +308,8 @@ def time_rollout(model, processor, batch_size, args, device):
             tokens_of[name] = ids
     ours, theirs = tokens_of["ours"], tokens_of["generate"]
     assert torch.equal(ours[:, :theirs.shape[1]], theirs), "our greedy tokens differ from generate's"
-    return batch_size * theirs.shape[1], statistics.median(times["ours"]), statistics.median(times["generate"])
+    assert torch.equal(tokens_of["static"], ours), "the static cache's greedy tokens differ from the dynamic cache's"
+    return batch_size * theirs.shape[1], *(statistics.median(times[name]) for name in ("ours", "static", "generate"))
 
 
 def bench_rollout(args, device):
@@ -324,14 +325,16 @@ def bench_rollout(args, device):
     sizes = [int(size) for size in args.rollout_batches.split(",")]
     print(f"device {device}; model {args.sink_model}; {args.decode_steps} new tokens a prompt at most (greedy, "
           f"identical tokens); median of {max(args.repeats, 5)} alternating rounds")
-    print(f"{'batch':>5} {'ours tokens/s':>14} {'generate tokens/s':>18} {'ratio':>6}")
+    print(f"{'batch':>5} {'ours tokens/s':>14} {'generate tokens/s':>18} {'ratio':>6} {'static cache tokens/s':>22}")
     rows, throughput = [], {}
     for size in sizes:
-        tokens, ours, theirs = time_rollout(model, processor, size, args, device)
+        tokens, ours, static, theirs = time_rollout(model, processor, size, args, device)
         throughput[size] = tokens / ours
-        print(f"{size:>5} {tokens / ours:>14.0f} {tokens / theirs:>18.0f} {theirs / ours:>6.2f}")
+        print(f"{size:>5} {tokens / ours:>14.0f} {tokens / theirs:>18.0f} {theirs / ours:>6.2f} {tokens / static:>22.0f}")
         rows.append((f"sampling: tokens/s, batch {size} greedy", f"{tokens / ours:.0f}", f"{tokens / theirs:.0f} (generate)",
                      theirs / ours, ">= 1"))
+        rows.append((f"sampling with the static cache: tokens/s, batch {size} greedy", f"{tokens / static:.0f}",
+                     f"{tokens / ours:.0f} (dynamic cache)", ours / static, None))
     if 2 in throughput and max(sizes) > 2:
         largest = max(sizes)
         scale = throughput[largest] / throughput[2]

@@ -12,7 +12,7 @@ pi_theta / pi_old starts at exactly 1 whatever filters the rollouts used.
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from data import model_inputs
 
@@ -100,7 +100,7 @@ VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 
 @torch.no_grad()
 def sample_completions(model, processor, batch, n=1, temperature=1.0, top_p=1.0, top_k=0, presence_penalty=0.0,
-           max_new_tokens=64, greedy=False, generator=None):
+           max_new_tokens=64, greedy=False, generator=None, static_cache=False):
     """Sample n completions per prompt of a collated, left-padded batch -> Rollout.
     generator: one torch.Generator for the whole batch, or a list with one per row of the repeated
     batch (prompt-major: prompt 0's n rows first). With one per row, a row's tokens do not depend on
@@ -108,7 +108,10 @@ def sample_completions(model, processor, batch, n=1, temperature=1.0, top_p=1.0,
     single-process one.
     Rollout.logprobs are log softmax(logits / temperature) of the model at the drawn tokens, taken
     before the presence penalty, top-k, top-p and the vision-placeholder ban, which only shape the
-    draw (greedy too: argmax of the filtered logits, log-prob of the tempered model)."""
+    draw (greedy too: argmax of the filtered logits, log-prob of the tempered model).
+    static_cache: decode through transformers' StaticCache, preallocated for prompt + max_new_tokens
+    (no reallocation as it grows: a step towards CUDA graphs, whose attention mask would also need a
+    fixed length); the same tokens and log-probs as the DynamicCache, up to float rounding."""
     batch = repeat_batch({k: v for k, v in batch.items() if k != "completion_mask"}, n)
     batch_size = batch["input_ids"].shape[0]
     if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
@@ -125,7 +128,9 @@ def sample_completions(model, processor, batch, n=1, temperature=1.0, top_p=1.0,
 
     positions, next_position = prompt_positions(model, batch)
     attention_mask = batch["attention_mask"]
-    cache = DynamicCache(config=model.config.get_text_config())
+    prompt_length = batch["input_ids"].shape[1]
+    cache = (StaticCache(config=model.config.get_text_config(), max_cache_len=prompt_length + max_new_tokens)
+             if static_cache else DynamicCache(config=model.config.get_text_config()))
     inputs = model_inputs(batch)
     logits = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]

@@ -85,6 +85,7 @@ class Config:
     top_k: int = 100                 # topk_jsd: the student's top-K tokens
     num_rollouts: int = 1            # completions per prompt (ptdpo: the group, at least 2; the paper's 8)
     rollout_batch_size: int = 0      # prompts sampled together, per rank; 0 = all of a step's (batch_size x grad_accum)
+    static_cache: bool = False       # rollouts decode through a preallocated KV cache (fixed shapes, for CUDA graphs)
     temperature: float = 1.0         # sampling temperature of the rollouts
     gap_prompts: int = 512           # the exact distillation gap: this many fixed validation prompts ...
     gap_rollouts: int = 2            # ... times this many seeded student samples (0 prompts: not measured)
@@ -353,7 +354,8 @@ def draw_rollouts(student, processor, samples, step, rank, world_size, config):
         batch = collate(processor, [student_messages(s) for s in chunk], max_length=config.max_length - config.max_new_tokens)
         rollouts.append(sample_completions(student, processor, to_device(batch, config.device), n=n,
                                            temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                                           generator=generators[start * n:(start + len(chunk)) * n]))
+                                           generator=generators[start * n:(start + len(chunk)) * n],
+                                           static_cache=config.static_cache))
     parts = split_rollout(cat_rollouts(rollouts, processor.tokenizer.pad_token_id), [len(ps) * n for ps, _ in micro])
     return [([s for s in ps for _ in range(n)], part, rollout_completions(part)) for (ps, _), part in zip(micro, parts)]
 

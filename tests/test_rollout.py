@@ -70,11 +70,13 @@ def test_greedy_equals_generate_token_for_token(tiny):
     assert torch.equal(ours, reference)
 
 
-def test_logprobs_equal_a_fresh_forward_pass(tiny):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic_cache", "static_cache"])
+def test_logprobs_equal_a_fresh_forward_pass(tiny, static_cache):
     model, processor = tiny
     batch = prompt_batch(processor)
     generator = torch.Generator().manual_seed(0)
-    rollout = sample_completions(model, processor, batch, n=2, temperature=1.0, max_new_tokens=12, generator=generator)
+    rollout = sample_completions(model, processor, batch, n=2, temperature=1.0, max_new_tokens=12, generator=generator,
+                                 static_cache=static_cache)
     reference = teacher_forced_logprobs(model, processor, batch, rollout, n=2)
     assert torch.allclose(rollout.logprobs[rollout.completion_mask.bool()], reference, rtol=0, atol=LOGPROB_TOLERANCE)
 
@@ -176,3 +178,23 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isinf(filter_logits(logits, top_p=0.801)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=1.0)).tolist() == [[False, False, False, False]]
+
+
+@pytest.mark.parametrize("with_module", [False, True], ids=["plain", "cue_module"])
+def test_the_static_cache_decodes_the_dynamic_caches_tokens(tiny, with_module):
+    """The preallocated cache attends over a longer, masked key length: other float sums, the same tokens.
+    Greedy, so each compared token is first checked to have won by more than GREEDY_MARGIN (a teacher-
+    forced forward's logits), then the tokens must be equal and the log-probs within LOGPROB_TOLERANCE."""
+    import cue_recovery
+    model, processor = tiny
+    if with_module:                       # the module works in prefill only: the cache must not change that
+        model = copy.deepcopy(model)
+        cue_recovery.attach(model, processor, init="default")
+    batch = prompt_batch(processor)
+    dynamic = sample_completions(model, processor, batch, greedy=True, max_new_tokens=12)
+    static = sample_completions(model, processor, batch, greedy=True, max_new_tokens=12, static_cache=True)
+    logits, _ = teacher_forced_logits(model, processor, dynamic)
+    vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    assert top2_margins(logits, vision_ids).min() > GREEDY_MARGIN
+    assert torch.equal(static.completion_ids, dynamic.completion_ids) and static.texts == dynamic.texts
+    assert torch.allclose(static.logprobs, dynamic.logprobs, rtol=0, atol=LOGPROB_TOLERANCE)
