@@ -4,11 +4,12 @@ model.generate; and a training step's time split.
 
     python bench.py                       # 2048 tokens over Qwen3-VL's 151,936-token vocabulary
     python bench.py --tokens=512 --repeats=1
+    python bench.py --from_hidden         # the paper's log-probs from hidden states (d 2048) against the logits multiplied out
     python bench.py --sink                # prefill and decode time with and without the cue recovery module
     python bench.py --sink --sink_model=2b   # the same on a random model with Qwen3-VL-2B's shapes (GPU)
     python bench.py --rollout             # rollout.sample_completions's tokens per second against model.generate's
     python bench.py --train_step          # where a ViCuR training step's time goes
-    python bench.py --all                 # all four in one run, then one markdown table of ratios
+    python bench.py --all                 # all five in one run, then one markdown table of ratios
     python bench.py --check               # --all, then each part alone in a fresh process: do the rows agree?
     python bench.py --all --json=rows.json   # also write the rows: [{what, ours, reference, ratio, goal}]
 
@@ -44,7 +45,7 @@ import time
 
 import torch
 
-from divergences import divergence
+from divergences import HiddenLogits, divergence, token_logprobs
 
 GiB = 2**30
 
@@ -186,6 +187,49 @@ def bench_divergences(args, device):
                   f"{(ref_peak - grad_bytes) / GiB:.2f} GiB", (ours_peak - grad_bytes) / (ref_peak - grad_bytes), None)]
     print("time, peak, peak-grad: ours / reference (lower is better; goal: peak <= 0.25 at time <= 1)")
     return rows
+
+
+# ---------------------------------------------------------------------------
+# the paper's loss from hidden states: HiddenLogits against the logits multiplied out
+
+def bench_hidden(args, device):
+    """log pi(y_t) of N tokens from hidden states h (N, d) and the output projection W (V, d), forward
+    + backward into h and W: ours (divergences.HiddenLogits, chunk by chunk) against plain torch
+    (log_softmax(h W^T), every (N, V) intermediate saved). Memory is the peak above the inputs, W and
+    W's gradient buffer, which training holds anyway: the activations of the loss."""
+    hidden = (torch.randn(args.tokens, args.hidden, device=device) * 0.5).requires_grad_()        # (N, d)
+    weight = (torch.randn(args.vocab, args.hidden, device=device) * 0.02).requires_grad_()         # (V, d)
+    weight.grad = torch.zeros_like(weight)                          # the buffer training holds anyway
+    tokens = torch.randint(args.vocab, (args.tokens,), device=device)
+
+    def run(from_hidden):
+        hidden.grad = None
+        logits = HiddenLogits(hidden, weight) if from_hidden else hidden @ weight.T
+        values = token_logprobs(logits, tokens, chunk_size=args.chunk_size) if from_hidden else \
+            torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+        values.sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return values.detach()
+
+    results = {}
+    for name, from_hidden in (("reference", False), ("ours", True)):
+        seconds, peaks = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            values, peak = peak_memory_of(lambda: run(from_hidden), device)
+            seconds.append(time.perf_counter() - start)
+            peaks.append(peak)
+        results[name] = (statistics.median(seconds), max(peaks), values)
+    (ref_s, ref_peak, ref_values), (ours_s, ours_peak, ours_values) = results["reference"], results["ours"]
+    where = f"{args.tokens} tokens, d={args.hidden}, V={args.vocab}"
+    print(f"device {device}; the sampled-token log-probs from hidden states, {where}, float32, median of "
+          f"{args.repeats} run(s); max |diff| {(ours_values - ref_values).abs().max().item():.1e}")
+    print(f"{'':<10} {'seconds':>8} {'GiB':>7}\n{'reference':<10} {ref_s:>8.2f} {ref_peak / GiB:>7.2f}\n"
+          f"{'ours':<10} {ours_s:>8.2f} {ours_peak / GiB:>7.2f}\nratio      {ours_s / ref_s:>8.2f} {ours_peak / ref_peak:>7.2f}")
+    return [(f"log-probs from hidden states: time, {where}", f"{ours_s:.2f} s", f"{ref_s:.2f} s", ours_s / ref_s, "<= 1"),
+            (f"log-probs from hidden states: activation memory, {where}", f"{ours_peak / GiB:.2f} GiB",
+             f"{ref_peak / GiB:.2f} GiB", ours_peak / ref_peak, "<= 0.10")]
 
 
 # ---------------------------------------------------------------------------
@@ -388,12 +432,13 @@ def bench_train_step(args, device):
 # training steps' shares 0.16 and 0.13
 PARTS = {
     "divergences": (bench_divergences, {}),
+    "from_hidden": (bench_hidden, {"tokens": 1024}),
     "rollout": (bench_rollout, {"rollout_batches": "1,2,8,32", "decode_steps": 32, "repeats": 15}),
     "train_step": (bench_train_step, {"batch": 16, "decode_steps": 96, "repeats": 10}),
     "sink": (bench_cue_recovery, {"batch": 8, "decode_steps": 16, "repeats": 15}),
 }
-SIZE_FLAGS = ("tokens", "vocab", "top_k", "top_m", "chunk_size", "repeats", "ckpt", "sink_model", "grid", "batch",
-              "rollout_batches", "decode_steps")
+SIZE_FLAGS = ("tokens", "vocab", "hidden", "top_k", "top_m", "chunk_size", "repeats", "ckpt", "sink_model", "grid",
+              "batch", "rollout_batches", "decode_steps")
 ROW_FIELDS = ("what", "ours", "reference", "ratio", "goal")
 TOLERANCE = 0.15  # --check: the largest relative difference between a row in --all and alone
 
@@ -522,11 +567,14 @@ def parse_args(argv):
     parser.add_argument("--chunk_size", type=int, default=None, help="divergences: rows per chunk (default: ours)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs per case, median (--sink, --rollout: at least 5; --train_step: at least 3)")
+    parser.add_argument("--hidden", type=int, default=2048, help="--from_hidden: d, the hidden size (Qwen3-VL-2B's)")
+    parser.add_argument("--from_hidden", action="store_true",
+                        help="the sampled-token log-probs from hidden states against the logits multiplied out, instead")
     parser.add_argument("--sink", action="store_true", help="time the cue recovery module instead")
     parser.add_argument("--rollout", action="store_true",
                         help="time rollout.sample_completions against model.generate instead")
     parser.add_argument("--train_step", action="store_true", help="split a ViCuR training step's time instead")
-    parser.add_argument("--all", action="store_true", help="all four in one run, then one table of ratios")
+    parser.add_argument("--all", action="store_true", help="all five in one run, then one table of ratios")
     parser.add_argument("--check", action="store_true",
                         help=f"--all, then each part alone in a fresh process at the same sizes: a table of both "
                              f"ratios per row; exit 1 when one differs by more than {100 * TOLERANCE:.0f} percent")
@@ -554,7 +602,8 @@ def main(argv=None):
         print_table(rows, device)
         others_during_all = share_of_others(start)
     else:
-        name = next((name for name in ("sink", "rollout", "train_step") if getattr(args, name)), "divergences")
+        name = next((name for name in ("from_hidden", "sink", "rollout", "train_step") if getattr(args, name)),
+                    "divergences")
         with fresh_state():
             rows = PARTS[name][0](args, device)
     if args.json:

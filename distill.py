@@ -24,7 +24,7 @@ from PIL import Image
 
 import cue_recovery
 from data import collate, model_inputs, student_messages, to_device, user_message, validation_world
-from divergences import divergence, entropy, token_logprobs
+from divergences import HiddenLogits, divergence, entropy, token_logprobs
 from evaluate import evaluate, macro_interval, score_sample
 from rollout import sample_completions
 
@@ -183,12 +183,17 @@ def scoring_batch(processor, chats, completions, max_length=None):
     return collate(processor, chats, completion_ids=completions, max_length=max_length)
 
 
-def completion_logits(model, batch):
+def completion_logits(model, batch, from_hidden=False):
     """Logits that predict the completion tokens, (N, V) with N = number of completion tokens,
-    and those tokens (N,): logits at position t-1 predict the token at t."""
-    logits = model(**model_inputs(batch)).logits                      # (B, L, V)
+    and those tokens (N,): logits at position t-1 predict the token at t. from_hidden: the logits as
+    HiddenLogits(final hidden states (N, d), lm_head's weight (V, d)), never multiplied out whole."""
     predicts_completion = batch["completion_mask"][:, 1:].bool()      # (B, L-1)
-    return logits[:, :-1][predicts_completion], batch["input_ids"][:, 1:][predicts_completion]
+    tokens = batch["input_ids"][:, 1:][predicts_completion]
+    if from_hidden:
+        hidden = model.model(**model_inputs(batch)).last_hidden_state  # (B, L, d): lm_head's input
+        return HiddenLogits(hidden[:, :-1][predicts_completion], model.lm_head.weight), tokens
+    logits = model(**model_inputs(batch)).logits                      # (B, L, V)
+    return logits[:, :-1][predicts_completion], tokens
 
 
 @torch.no_grad()
@@ -524,7 +529,7 @@ def microbatch_loss(student, teacher, processor, rows, rollout, completions, pri
                                         config.max_length), config.device)
         recording = cue_recovery.recording(student) if with_stats and cue_recovery.get(student) is not None else nullcontext([])
         with recording as recorded:
-            student_logits, tokens = completion_logits(student, batch)
+            student_logits, tokens = completion_logits(student, batch, from_hidden=config.logits_from_hidden)
         old_logprobs = rollout.logprobs[rollout.completion_mask.bool()].to(config.device)
         if tutoring is None:
             lengths = rollout.completion_mask.sum(-1)                                   # (rows,) |y_i|

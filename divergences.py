@@ -3,8 +3,9 @@ vocabulary (or a top-M teacher), chunked over rows with a hand-written backward.
 
 Real vocabularies are large (Qwen3-VL: V = 151,936), so every function that looks at a full
 (rows, V) distribution works on chunks of rows: only one chunk's float32 intermediates are alive
-at a time, in forward and in backward. The gradient w.r.t. the logits (the same size as the
-logits) is the only full-size tensor allocated.
+at a time, in forward and in backward. Given logits, the gradient w.r.t. them (the same size) is
+the only full-size tensor allocated. Given HiddenLogits (the final hidden states and the output
+projection), not even that: the rows of the logits are built chunk by chunk, in backward again.
 """
 
 import math
@@ -19,6 +20,11 @@ _LOG_ZERO = torch.finfo(torch.float32).min  # stands in for log 0 = -inf: exp() 
 # page-faulted in anew on every allocation). On GPU bigger kernels amortise launches;
 # 128 MiB (220 rows) keeps per-chunk intermediates around 1 GiB.
 _CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 128 * 2**20}
+
+
+def default_chunk_rows(vocab_size, cuda):
+    """Rows per chunk: as many as fit _CHUNK_BYTES of float32 (rows, V) on this kind of device."""
+    return max(1, _CHUNK_BYTES["cuda" if cuda else "cpu"] // (4 * vocab_size))
 
 
 def _log_probs(logits, temperature):
@@ -145,6 +151,79 @@ class _RowwiseChunked(torch.autograd.Function):
         return (None, None, None, grad_logits) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
+class HiddenLogits:
+    """Logits z = hidden W^T kept as their two factors: hidden (..., d), the final hidden states of the
+    rows, and weight (V, d), the output projection (tied to the embedding or not). Every function here
+    that takes logits also takes these: it builds one chunk's rows of z at a time, and its backward
+    recomputes them, so that neither z (N, V) nor its gradient exists for all rows at once."""
+
+    def __init__(self, hidden, weight):
+        self.hidden, self.weight = hidden, weight
+
+    @property
+    def shape(self):
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    @property
+    def is_cuda(self):
+        return self.hidden.is_cuda
+
+    @property
+    def requires_grad(self):
+        return self.hidden.requires_grad or self.weight.requires_grad
+
+    def __len__(self):
+        return len(self.hidden)
+
+    def __getitem__(self, rows):
+        return HiddenLogits(self.hidden[rows], self.weight)
+
+    def detach(self):
+        return HiddenLogits(self.hidden.detach(), self.weight.detach())
+
+
+def _hidden_values(row_fn, chunk_size, hidden, weight, row_inputs):
+    """row_fn over the rows of z = hidden W^T (the model's own lm_head product), one chunk at a time -> (N,)."""
+    values = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        values[rows] = row_fn(torch.nn.functional.linear(hidden[rows], weight), *[x[rows] for x in row_inputs])
+    return values
+
+
+class _HiddenChunked(torch.autograd.Function):
+    """values[r] = row_fn(z[r], *row_inputs[r]) with z = hidden W^T built chunk by chunk. The gradient
+    is taken in backward, where each chunk's z is recomputed: unlike _RowwiseChunked's, it cannot be
+    taken in forward, since dL/dW = sum_r g_r (dvalues[r]/dz[r])^T h[r] needs every row's g_r first.
+        dz = g_r dvalues[r]/dz[r]  (c, V);   dh[r] = dz W;   dW += dz^T h   (at least float32)"""
+
+    @staticmethod
+    def forward(ctx, row_fn, chunk_size, hidden, weight, *row_inputs):
+        ctx.row_fn, ctx.chunk_size = row_fn, chunk_size
+        ctx.save_for_backward(hidden, weight, *row_inputs)
+        return _hidden_values(row_fn, chunk_size, hidden, weight, row_inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values):
+        hidden, weight, *row_inputs = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[2] else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)     # bf16 weights: a float32 sum
+        grad_weight = torch.zeros_like(weight, dtype=accumulate) if ctx.needs_input_grad[3] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(hidden[rows], weight).detach().requires_grad_()  # (c, V)
+                chunk_values = ctx.row_fn(logits, *[x[rows] for x in row_inputs])
+                (grad_logits,) = torch.autograd.grad((chunk_values * grad_values[rows]).sum(), logits)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight                                # (c, d)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.to(accumulate).T, hidden[rows].to(accumulate))  # += (V, d), in place
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return (None, None, grad_hidden, grad_weight) + (None,) * len(row_inputs)
+
+
 def _rowwise(row_fn, logits, *row_inputs, chunk_size=None):
     """Apply row_fn to (..., V) logits and per-row inputs (..., *) in chunks of rows -> (...) float32.
 
@@ -153,10 +232,18 @@ def _rowwise(row_fn, logits, *row_inputs, chunk_size=None):
     """
     leading_shape, vocab_size = logits.shape[:-1], logits.shape[-1]
     if chunk_size is None:
-        chunk_bytes = _CHUNK_BYTES["cuda" if logits.is_cuda else "cpu"]
-        chunk_size = max(1, chunk_bytes // (4 * vocab_size))
+        chunk_size = default_chunk_rows(vocab_size, logits.is_cuda)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(logits, HiddenLogits):
+        hidden = logits.hidden.reshape(-1, logits.hidden.shape[-1])  # (N, d)
+        inputs_flat = [x.detach().reshape(hidden.shape[0], *x.shape[len(leading_shape):]) for x in row_inputs]
+        if torch.is_grad_enabled() and logits.requires_grad:
+            values = _HiddenChunked.apply(row_fn, chunk_size, hidden, logits.weight, *inputs_flat)
+        else:
+            with torch.no_grad():
+                values = _hidden_values(row_fn, chunk_size, hidden, logits.weight, inputs_flat)
+        return values.view(leading_shape)
     logits_flat = logits.reshape(-1, vocab_size)  # (N, V)
     inputs_flat = [x.detach().reshape(logits_flat.shape[0], *x.shape[len(leading_shape):]) for x in row_inputs]
     needs_grad = torch.is_grad_enabled() and logits.requires_grad

@@ -16,6 +16,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrained
                           Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
 import cue_recovery
+from divergences import default_chunk_rows
 from data import IMAGE_SIZE, world_vocabulary
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -168,7 +169,7 @@ def parameter_counts(name_or_path, tokenizer):
 
 
 def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, world_size=1,
-                shard_optimizer=False, grad_ckpt=False, freeze_vision=False):
+                shard_optimizer=False, grad_ckpt=False, freeze_vision=False, logits_from_hidden=False):
     """Per-GPU memory, in bytes, of one rank's training step as train.py runs it: weights and gradients
     in the weights' dtype (gradients only for what trains: not the vision tower under freeze_vision),
     optim.FlatAdamW's float32 master weights and two moments (12 bytes per trained weight, split over
@@ -177,7 +178,9 @@ def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, w
     in 16-bit without recomputation (Korthikanti et al. 2022, attention scores left out as SDPA never
     stores them), or with grad_ckpt each layer's input (T d values) plus one layer's 34 T d being
     recomputed; plus the logits: T V in the weights' dtype and twice T V in float32 (the upcast and its
-    gradient), and with a teacher its logits for the same micro-batch (T V in the weights' dtype)."""
+    gradient), or with logits_from_hidden the same for one chunk of rows (divergences.HiddenLogits) and
+    a float32 accumulator of lm_head's gradient (V d); and with a teacher its logits for the same
+    micro-batch (T V in the weights' dtype)."""
     params, hidden, layers, vocab, vision = parameter_counts(student, tokenizer)
     trained = params - vision if freeze_vision else params
     shards = world_size if shard_optimizer else 1
@@ -191,8 +194,13 @@ def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, w
     per_layer = 34 * micro_batch_tokens * hidden * weight_bytes // 2
     activations = (micro_batch_tokens * hidden * weight_bytes * layers + per_layer) if grad_ckpt \
         else per_layer * layers
-    rows += [("activations, estimate" + (" (recomputed per layer)" if grad_ckpt else ""), activations),
-             ("logits (+ float32 copy and gradient)", micro_batch_tokens * vocab * (weight_bytes + 8))]
+    rows.append(("activations, estimate" + (" (recomputed per layer)" if grad_ckpt else ""), activations))
+    if logits_from_hidden:
+        chunk = min(micro_batch_tokens, default_chunk_rows(vocab, cuda=True))
+        rows += [(f"logits: one {chunk}-row chunk (+ float32 copy, gradient)", chunk * vocab * (weight_bytes + 8)),
+                 ("lm_head gradient accumulator (float32)", 4 * vocab * hidden)]
+    else:
+        rows.append(("logits (+ float32 copy and gradient)", micro_batch_tokens * vocab * (weight_bytes + 8)))
     if teacher is not None:
         rows.append(("teacher logits (one micro-batch)", micro_batch_tokens * vocab * weight_bytes))
     return rows

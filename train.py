@@ -86,6 +86,8 @@ class Config:
     num_rollouts: int = 1            # completions per prompt (ptdpo: the group, at least 2; the paper's 8)
     rollout_batch_size: int = 0      # prompts sampled together, per rank; 0 = all of a step's (batch_size x grad_accum)
     static_cache: bool = False       # rollouts decode through a preallocated KV cache (fixed shapes, for CUDA graphs)
+    logits_from_hidden: bool = True  # the student's losses from its final hidden states and lm_head's weight, chunk
+                                     # by chunk (divergences.HiddenLogits): no (tokens x V) logits nor their gradient
     temperature: float = 1.0         # sampling temperature of the rollouts
     gap_prompts: int = 512           # the exact distillation gap: this many fixed validation prompts ...
     gap_rollouts: int = 2            # ... times this many seeded student samples (0 prompts: not measured)
@@ -455,7 +457,7 @@ def print_memory_plan(config, world_size):
     tokens = config.batch_size * (config.num_rollouts if config.mode in DISTILL_MODES else 1) * config.max_length
     rows = memory_plan(config.init_from or config.student, teacher, torch.finfo(getattr(torch, config.dtype)).bits // 8,
                        tokens, tiny_processor().tokenizer, world_size, config.shard_optimizer, config.grad_ckpt,
-                       config.freeze_vision)
+                       config.freeze_vision, config.logits_from_hidden and config.mode in DISTILL_MODES)
     total = sum(size for _, size in rows)
     print(f"memory plan per GPU: {config.mode}, student {config.init_from or config.student}, {config.dtype}, "
           f"world size {world_size}, micro-batch {tokens} tokens (global batch "

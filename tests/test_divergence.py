@@ -1,7 +1,7 @@
 """Divergences, token log-probs, entropy and the sampled-token loss, each checked against a
 plain full-materialisation float64 reference written here."""
 from distill import clipped_surrogate, masked_mean, sampled_token_loss
-from divergences import divergence, entropy, token_logprobs
+from divergences import HiddenLogits, divergence, entropy, token_logprobs
 
 import math
 
@@ -513,3 +513,51 @@ def test_dual_clip_must_exceed_one(dual_clip):
     old = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="dual_clip must be 0 .off. or > 1"):
         sampled_token_loss(old.clone(), old, old, torch.ones(1, 2), dual_clip=dual_clip)
+
+
+# ---------------------------------------------------------------------------
+# HiddenLogits: the same functions from the final hidden states and the output projection
+
+HIDDEN = 8      # d: the logits are hidden (21, d) @ weight (V, d)^T, never built whole in float32
+# From the factors, a gradient is dL/dz (within GRAD_ATOL, GRAD_RTOL of float64 per entry, above) times W or
+# h: sums of d = 8 or 21 rows' products, each adding <= K eps relative to the sum of magnitudes. Norm-wise,
+# ours is measured 1e-7 to 7e-7 off float64 here (the four divergences); HIDDEN_GRAD_RTOL = 1e-4 leaves over
+# 100x, and a backward that drops the rows' g_r, or halves dW, fails every case
+HIDDEN_GRAD_RTOL = 1e-4
+
+
+@pytest.mark.parametrize("case", ["token_logprobs", "entropy", *KINDS, "rkl_top_m"])
+def test_hidden_logits_give_the_values_and_gradients_of_their_product(case):
+    """Values against float64 on z = h W^T as everywhere above; gradients for h and W against float64
+    autograd through the product, for random per-row weights of the values (PTD-PO's and the PPO
+    surrogate's g_r differ by row, so the backward must scale each row's dz before summing into dW)."""
+    generator = torch.Generator().manual_seed(31)
+    hidden = torch.randn(21, HIDDEN, generator=generator)
+    weight = torch.randn(V, HIDDEN, generator=generator) * 0.7
+    tokens = torch.randint(0, V, (21,), generator=generator)
+    teacher = random_logits(32, shape=(21, V))
+    functions = {  # case: (ours on logits or HiddenLogits, float64 reference on logits)
+        "token_logprobs": (lambda z: token_logprobs(z, tokens, temperature=0.7, chunk_size=CHUNK),
+                           lambda z: torch.log_softmax(z / 0.7, -1).gather(-1, tokens[:, None])[:, 0]),
+        "entropy": (lambda z: entropy(z, temperature=1.3, chunk_size=CHUNK),
+                    lambda z: -(torch.softmax(z / 1.3, -1) * torch.log_softmax(z / 1.3, -1)).sum(-1)),
+        "rkl_top_m": (lambda z: divergence(z, teacher_top(teacher, 12), "rkl", chunk_size=CHUNK),
+                      lambda z: ref_divergence(z, ref_teacher_from_top(*teacher_top(teacher, 12), V), "rkl")),
+        **{kind: (lambda z, kind=kind: divergence(z, teacher, kind, chunk_size=CHUNK, **kind_kwargs(kind)),
+                  lambda z, kind=kind: ref_divergence(z, ref_teacher_probs(teacher), kind, **kind_kwargs(kind)))
+           for kind in KINDS}}
+    ours_fn, reference_fn = functions[case]
+    row_weights = torch.rand(21, generator=generator, dtype=torch.float64)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    values = ours_fn(HiddenLogits(h, w))
+    grads = torch.autograd.grad((values.double() * row_weights).sum(), (h, w))
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    reference = reference_fn(h64 @ w64.T)
+    reference_grads = torch.autograd.grad((reference * row_weights).sum(), (h64, w64))
+    assert values.dtype == torch.float32 and values.shape == (21,)
+    torch.testing.assert_close(values.double(), reference.detach(), atol=VALUE_ATOL, rtol=VALUE_RTOL)
+    for ours, exact in zip(grads, reference_grads):
+        assert (ours.double() - exact).norm() <= HIDDEN_GRAD_RTOL * exact.norm()
+    # without a gradient (the stats' entropy): the same values, nothing recorded for backward
+    with torch.no_grad():
+        torch.testing.assert_close(ours_fn(HiddenLogits(hidden, weight)), values.detach())
