@@ -227,7 +227,8 @@ class _HiddenChunked(torch.autograd.Function):
 def _rowwise(row_fn, logits, *row_inputs, chunk_size=None):
     """Apply row_fn to (..., V) logits and per-row inputs (..., *) in chunks of rows -> (...) float32.
 
-    Gradient flows to `logits` only; row_inputs are treated as constants.
+    logits may be HiddenLogits (then chunks of rows of hidden W^T, _HiddenChunked). Gradient flows to
+    `logits` only (to hidden and weight for HiddenLogits); row_inputs are treated as constants.
     chunk_size: rows per chunk; None picks it from _CHUNK_BYTES.
     """
     leading_shape, vocab_size = logits.shape[:-1], logits.shape[-1]
