@@ -194,8 +194,7 @@ def pooled_change(summaries, key):
     values = [s[key] for s in summaries if key in s]
     if not values:
         return None
-    return (sum(v["change"] for v in values) / len(values),
-            sum(v["change_se"] ** 2 for v in values) ** 0.5 / len(values))
+    return mean_difference([(v["change"], v["change_se"], 0.0, 0.0) for v in values])
 
 
 def verdict(value, se, relation):

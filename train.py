@@ -87,7 +87,7 @@ class Config:
     top_k: int = 100                 # topk_jsd: the student's top-K tokens
     num_rollouts: int = 1            # completions per prompt (ptdpo: the group, at least 2; the paper's 8)
     rollout_batch_size: int = 0      # prompts sampled together, per rank; 0 = all of a step's (batch_size x grad_accum)
-    static_cache: bool = False       # rollouts decode through a preallocated KV cache (fixed shapes, for CUDA graphs)
+    static_cache: bool = False       # rollouts decode through a preallocated KV cache (transformers' StaticCache)
     logits_from_hidden: bool = True  # the student's losses from its final hidden states and lm_head's weight, chunk
                                      # by chunk (divergences.HiddenLogits): no (tokens x V) logits nor their gradient
     temperature: float = 1.0         # sampling temperature of the rollouts
