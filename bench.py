@@ -202,25 +202,9 @@ def bench_hidden(args, device):
     weight.grad = torch.zeros_like(weight)                          # the buffer training holds anyway
     tokens = torch.randint(args.vocab, (args.tokens,), device=device)
 
-    def run(from_hidden):
-        hidden.grad = None
-        logits = HiddenLogits(hidden, weight) if from_hidden else hidden @ weight.T
-        values = token_logprobs(logits, tokens, chunk_size=args.chunk_size) if from_hidden else \
-            torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-        values.sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return values.detach()
-
-    results = {}
-    for name, from_hidden in (("reference", False), ("ours", True)):
-        seconds, peaks = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            values, peak = peak_memory_of(lambda: run(from_hidden), device)
-            seconds.append(time.perf_counter() - start)
-            peaks.append(peak)
-        results[name] = (statistics.median(seconds), max(peaks), values)
+    chunked = lambda h: token_logprobs(HiddenLogits(h, weight), tokens, chunk_size=args.chunk_size)  # noqa: E731
+    plain = lambda h: torch.log_softmax(h @ weight.T, -1).gather(-1, tokens[:, None])[:, 0]  # noqa: E731
+    results = {name: measure(fn, hidden, args.repeats, device) for name, fn in (("reference", plain), ("ours", chunked))}
     (ref_s, ref_peak, ref_values), (ours_s, ours_peak, ours_values) = results["reference"], results["ours"]
     where = f"{args.tokens} tokens, d={args.hidden}, V={args.vocab}"
     print(f"device {device}; the sampled-token log-probs from hidden states, {where}, float32, median of "
