@@ -118,7 +118,7 @@ class Config:
     sft_warmup_steps: int = 50       # its warm-up
     sft_batch_size: int = 16         # its samples per rank and micro-step
     # SFT: the share of samples shown with privileged context, and of scene descriptions
-    sft_cue_frac: float = 0.4        # with the cue hint in the prompt
+    sft_cue_frac: float = 0.8        # with the cue hint in the prompt (docs/testbed.md, amendment 4)
     sft_answer_frac: float = 0.1     # with the answer hint in the prompt
     sft_describe_frac: float = 0.2   # a scene description instead of a question
     # hardware and memory
