@@ -521,9 +521,10 @@ def model_inputs(batch):
 
 @dataclass
 class WorldConfig:
-    out: str = "world"               # writes OUT/train.jsonl, OUT/eval.jsonl and OUT/images/
+    out: str = "world"               # writes OUT/train.jsonl, OUT/eval.jsonl (OUT/validation.jsonl) and OUT/images/
     num_train: int = 8000            # training samples (in-domain families)
     num_eval: int = 350              # evaluation samples (all seven families)
+    num_validation: int = 0          # validation samples (in-domain; the split of the headroom and the exact gap)
     seed: int = 0                    # the world's seed (the evaluation set has its own offset)
 
 
@@ -533,7 +534,10 @@ def main(argv):
     os.makedirs(config.out, exist_ok=True)
     write_jsonl(make_world(config.num_train, seed=config.seed), os.path.join(config.out, "train.jsonl"))
     write_jsonl(eval_world(config.num_eval, seed=config.seed), os.path.join(config.out, "eval.jsonl"))
-    print(f"wrote {config.out}/train.jsonl and eval.jsonl")
+    if config.num_validation:
+        write_jsonl(validation_world(config.num_validation, seed=config.seed),
+                    os.path.join(config.out, "validation.jsonl"))
+    print(f"wrote {config.out}/train.jsonl and eval.jsonl" + (" and validation.jsonl" if config.num_validation else ""))
 
 
 if __name__ == "__main__":
