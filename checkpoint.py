@@ -21,7 +21,7 @@ TRAIN_STATE_FORMAT = 2  # of train_state.pt; 1 (before 2026-12) pickled numpy ar
 def save_checkpoint(model, processor, optimizer, step, config, rank=0, world_size=1):
     """Every rank calls it: the ranks check they agree and gather the optimizer's shards, then rank 0
     writes out_dir/ckpt atomically: into a temporary folder, then renamed over the old one."""
-    check_ranks_agree(model, step, world_size)
+    check_ranks_agree(model, step, world_size, optimizer.group)
     optimizer_state = optimizer.state_dict()
     if rank != 0:
         return
@@ -40,14 +40,14 @@ def save_checkpoint(model, processor, optimizer, step, config, rank=0, world_siz
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_ranks_agree(model, step, world_size):
+def check_ranks_agree(model, step, world_size, group=None):
     """Before rank 0 saves: every rank must be at the same step with the same weights (a float64 sum
     of all parameters; identical all-reduced updates keep the replicas bitwise equal)."""
     if world_size == 1:
         return
     checksum = sum(p.detach().double().sum().item() for p in model.parameters())
     views = [None] * world_size
-    dist.all_gather_object(views, (step, checksum))
+    dist.all_gather_object(views, (step, checksum), group=group)
     if any(view != views[0] for view in views):
         raise RuntimeError(f"ranks disagree before saving: (step, weight checksum) per rank = {views}")
 

@@ -198,9 +198,49 @@ def completion_logits(model, batch, from_hidden=False):
 
 @torch.no_grad()
 def teacher_logits(teacher, processor, samples, privilege, completions, max_length=None):
-    """The frozen teacher's logits on the student's tokens under its own (privileged) prompt, (N, V)."""
+    """The frozen teacher's logits on the student's tokens under its own (privileged) prompt, (N, V).
+    A teacher on its own ranks (teacher_ranks.RemoteTeacher) computes them there and sends them."""
+    if hasattr(teacher, "remote_logits"):
+        return teacher.remote_logits(samples, privilege, completions)
     batch = scoring_batch(processor, [teacher_messages(s, privilege) for s in samples], completions, max_length)
     return completion_logits(teacher, to_device(batch, teacher.device))[0]
+
+
+@dataclasses.dataclass
+class TeacherScores:
+    """What a micro-batch's loss and logs need from the teacher, over its N completion tokens: all that a
+    teacher on its own ranks sends back (teacher_ranks.py)."""
+    token_logprobs: torch.Tensor              # (N,) log pi_T(y_t | x_T), tempered as sampled; PTD-PO: plain prompt
+    logits: torch.Tensor | None = None        # (N, V) the full rows, for a divergence --loss (fkl, rkl, jsd, topk_jsd)
+    tutor_logits: torch.Tensor | None = None  # PTD-PO: (tutored tokens, V) under the hint
+    entropy: float = 0.0                      # mean_t H(p_T) of those rows (a logged stat)
+    privilege_gap: float = 0.0                # mean_t KL(p_T(.|x_T) || p_T(.|x)) when asked (PTD-PO: tutored tokens)
+
+
+@torch.no_grad()
+def teacher_scores(teacher, processor, rows, completions, privilege, config, with_gap, tutored_rows=()):
+    """The frozen teacher on the student's tokens -> TeacherScores. PTD-PO: the reference under the plain
+    prompt on every token (its log-probs for the KL term and the log-ratio), and under the hint on the
+    rows tutored_rows (the Top-K JSD's target). The full rows go back only when the loss reads them."""
+    if hasattr(teacher, "remote_scores"):
+        return teacher.remote_scores(rows, completions, privilege, config, with_gap, tutored_rows)
+    tokens = torch.tensor([t for c in completions for t in c], device=teacher.device)
+    if config.mode == "ptdpo":
+        logits = teacher_logits(teacher, processor, rows, "none", completions, config.max_length)
+        picked = list(tutored_rows)
+        tutor = teacher_logits(teacher, processor, [rows[i] for i in picked], privilege,
+                               [completions[i] for i in picked], config.max_length) if picked else None
+        row_of_token = torch.arange(len(rows)).repeat_interleave(torch.tensor([len(c) for c in completions]))
+        gap = privilege_gap(tutor, logits[torch.isin(row_of_token, torch.tensor(picked, dtype=torch.long))]) \
+            if with_gap and picked else 0.0
+        full = None
+    else:
+        logits, tutor = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length), None
+        gap = privilege_gap(logits, teacher_logits(teacher, processor, rows, "none", completions, config.max_length)) \
+            if with_gap and privilege != "none" else 0.0
+        full = logits if config.loss != "sampled_rkl" else None
+    return TeacherScores(token_logprobs(logits, tokens, config.temperature), full, tutor,
+                         entropy(logits).mean().item(), gap)
 
 
 def check_same_tokenizer(student_processor, teacher_processor, teacher_name):
@@ -213,7 +253,8 @@ def check_same_tokenizer(student_processor, teacher_processor, teacher_name):
 # ----------------------------------------------------------------------------- losses and diagnostics
 
 def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sampled_rkl", beta=0.5,
-                 top_k=None, temperature=1.0, clip_eps=0.2, dual_clip=0.0, token_weights=None):
+                 top_k=None, temperature=1.0, clip_eps=0.2, dual_clip=0.0, token_weights=None,
+                 teacher_token_logprobs=None):
     """The student's loss on its own completion tokens, all inputs flat over tokens: (N, V) / (N,).
 
     sampled_rkl (the paper): PPO surrogate with A_t = -clamp(log pi_old(y_t) - log pi_T(y_t), -10, 10),
@@ -222,12 +263,15 @@ def distill_loss(student_logits, tokens, old_logprobs, teacher_logits, loss="sam
     token_weights (N,): the mean is sum_t w_t L_t / sum_t w_t; None = 1 (a token mean, as the released
         code aggregates); w_t = 1 / |y_i| of token t's sequence gives the paper's Eq. 7, a mean over
         sequences of each sequence's token mean (the logged stats are weighted the same way)
+    teacher_token_logprobs (N,): log pi_T(y_t), when the teacher sent only those (TeacherScores); then
+        teacher_logits may be None for sampled_rkl
     """
     if dual_clip and loss != "sampled_rkl":
         raise ValueError(f"dual_clip bounds the PPO surrogate of loss=sampled_rkl; loss={loss!r} has none "
                          f"(set dual_clip=0)")
     mask = torch.ones_like(tokens, dtype=torch.float32) if token_weights is None else token_weights.float()
-    teacher_token_logprobs = token_logprobs(teacher_logits, tokens, temperature)  # log pi_T(y_t | x_T), same temperature
+    if teacher_token_logprobs is None:
+        teacher_token_logprobs = token_logprobs(teacher_logits, tokens, temperature)  # log pi_T(y_t | x_T), same temperature
     if loss == "sampled_rkl":
         new_logprobs = token_logprobs(student_logits, tokens, temperature)  # log pi_theta(y_t), tempered as sampled
         value, stats = sampled_token_loss(new_logprobs, old_logprobs, teacher_token_logprobs, mask, clip_eps,
@@ -469,23 +513,15 @@ def ptdpo_loss(new_logprobs, old_logprobs, ref_logprobs, advantages, gated, tuto
     return per_token.mean(), stats
 
 
-@torch.no_grad()
-def ptd_reference(reference, processor, rows, rollout, completions, privilege, group_size, tau=1.0,
-                  all_rollouts=False, max_length=None):
-    """PTD-PO's view of the frozen reference -> (its logits under the plain prompt for every token, for
-    the KL term and the log-ratio; a dict of per-token advantages, gates and, for the tutored rollouts
-    only, its logits under the hint prompt). The reward is evaluate.score of each rollout; per-rollout
-    values are repeated over that rollout's tokens, in completion_logits' row-major order."""
+def ptd_groups(rows, rollout, group_size, tau=1.0, all_rollouts=False):
+    """PTD-PO's groups, on the student's side: the reward of each rollout (evaluate.score), its GRPO
+    advantage and gates, repeated over the rollout's tokens in completion_logits' row-major order, and
+    the tutored rollouts' indices (what the reference scores under the hint)."""
     rewards = torch.tensor([float(score_sample(text, row)) for text, row in zip(rollout.texts, rows)])
-    advantages = group_advantages(rewards, group_size)
     gated, tutored = ptd_gate(rewards, group_size, tau, all_rollouts)
-    plain = teacher_logits(reference, processor, rows, "none", completions, max_length)
-    picked = tutored.nonzero()[:, 0].tolist()
-    tutor = teacher_logits(reference, processor, [rows[i] for i in picked], privilege,
-                           [completions[i] for i in picked], max_length) if picked else None
-    over_tokens = lambda values: values.repeat_interleave(rollout.lengths.cpu()).to(plain.device)  # noqa: E731
-    return plain, {"rewards": rewards, "advantages": over_tokens(advantages), "gated": over_tokens(gated),
-                   "tutored": over_tokens(tutored), "tutor_logits": tutor}
+    over_tokens = lambda values: values.repeat_interleave(rollout.lengths.cpu())  # noqa: E731
+    return {"rewards": rewards, "advantages": over_tokens(group_advantages(rewards, group_size)),
+            "gated": over_tokens(gated), "tutored": over_tokens(tutored), "tutored_rows": tutored.nonzero()[:, 0].tolist()}
 
 
 # ----------------------------------------------------------------------------- one micro-batch
@@ -498,32 +534,17 @@ def timed(times, name):
     times[name] = times.get(name, 0.0) + time.time() - start
 
 
-def score_with_teacher(teacher, processor, rows, rollout, completions, privilege, config, with_gap):
-    """(the teacher's logits on the student's tokens (N, V), PTD-PO's tutoring dict or None, and the
-    privilege gap when with_gap: how much the hint changes the teacher on these tokens)."""
-    if config.mode == "ptdpo":
-        plain_logits, tutoring = ptd_reference(teacher, processor, rows, rollout, completions, privilege,
-                                               config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts,
-                                               config.max_length)
-        tutored = tutoring["tutored"]
-        gap = privilege_gap(tutoring["tutor_logits"], plain_logits[tutored]) if with_gap and tutored.any() else 0.0
-        return plain_logits, tutoring, gap
-    logits = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length)
-    gap = 0.0
-    if with_gap and privilege != "none":
-        gap = privilege_gap(logits, teacher_logits(teacher, processor, rows, "none", completions, config.max_length))
-    return logits, None, gap
-
-
 def microbatch_loss(student, teacher, processor, rows, rollout, completions, privilege, config, times,
                     with_stats=True):
     """One micro-batch of on-policy distillation -> (the mode's loss, a token mean over its completion
     tokens; stats {name: (mean, weight)}, empty unless with_stats). The teacher scores the student's
     own tokens under its context (x_T), the student scores them under its prompt (x), recording the
     sink's attention for the cue recall when it has the module; then distill_loss, or ptdpo_loss."""
+    tutoring = ptd_groups(rows, rollout, config.num_rollouts, config.ptd_tau, config.ptd_all_rollouts) \
+        if config.mode == "ptdpo" else None
     with timed(times, "teacher"):
-        teacher_token_logits, tutoring, gap = score_with_teacher(teacher, processor, rows, rollout, completions, privilege,
-                                                            config, with_gap=with_stats)
+        scores = teacher_scores(teacher, processor, rows, completions, privilege, config, with_gap=with_stats,
+                                tutored_rows=tutoring["tutored_rows"] if tutoring else ())
     with timed(times, "student"):
         batch = to_device(scoring_batch(processor, [student_messages(s) for s in rows], completions,
                                         config.max_length), config.device)
@@ -535,15 +556,17 @@ def microbatch_loss(student, teacher, processor, rows, rollout, completions, pri
             lengths = rollout.completion_mask.sum(-1)                                   # (rows,) |y_i|
             weights = (1 / lengths.float()).repeat_interleave(lengths).to(config.device) \
                 if config.loss_agg == "seq-mean" else None
-            loss, stats = distill_loss(student_logits, tokens, old_logprobs, teacher_token_logits, config.loss,
+            loss, stats = distill_loss(student_logits, tokens, old_logprobs, scores.logits, config.loss,
                                        beta=config.beta, top_k=config.top_k, temperature=config.temperature,
-                                       clip_eps=config.clip_eps, dual_clip=config.dual_clip, token_weights=weights)
+                                       clip_eps=config.clip_eps, dual_clip=config.dual_clip, token_weights=weights,
+                                       teacher_token_logprobs=scores.token_logprobs)
         else:
-            ref_logprobs = token_logprobs(teacher_token_logits, tokens, config.temperature)
+            ref_logprobs = scores.token_logprobs
+            on_device = {k: tutoring[k].to(config.device) for k in ("advantages", "gated", "tutored")}
             loss, stats = ptdpo_loss(
                 token_logprobs(student_logits, tokens, config.temperature), old_logprobs, ref_logprobs,
-                tutoring["advantages"], tutoring["gated"], tutoring["tutored"], student_logits,
-                tutoring["tutor_logits"], clip_eps=config.clip_eps, dual_clip=config.dual_clip,
+                on_device["advantages"], on_device["gated"], on_device["tutored"], student_logits,
+                scores.tutor_logits, clip_eps=config.clip_eps, dual_clip=config.dual_clip,
                 kl_coef=config.kl_coef, ptd_coef=config.ptd_coef, top_k=config.top_k, beta=config.beta,
                 stop_grad_weights=config.ptd_stop_grad, entropy_coef=config.ptd_entropy_coef,
                 temperature=config.temperature)
@@ -552,11 +575,10 @@ def microbatch_loss(student, teacher, processor, rows, rollout, completions, pri
         return loss, {}
     recall = cue_recovery.rows_cue_recall(torch.stack(recorded, 1).detach(), rows, batch, processor) \
         if recorded else None
-    return loss, microbatch_stats(loss, stats, student_logits, teacher_token_logits, gap, rows, rollout, tutoring,
-                                  privilege, recall)
+    return loss, microbatch_stats(loss, stats, student_logits, scores, rows, rollout, tutoring, privilege, recall)
 
 
-def microbatch_stats(loss, stats, student_logits, teacher_token_logits, gap, rows, rollout, tutoring, privilege, recall):
+def microbatch_stats(loss, stats, student_logits, scores, rows, rollout, tutoring, privilege, recall):
     """{name: (mean, weight)}: token means weighted by the micro-batch's completion tokens, rollout
     means by its rollouts, PTD-PO's tutored-token means by its tutored tokens, cue recall by its rows
     with boxes (weight 0 where there are none: train.reduce_metrics)."""
@@ -565,8 +587,8 @@ def microbatch_stats(loss, stats, student_logits, teacher_token_logits, gap, row
     out = {name: (value, tutored if name == "ptd_jsd" else tokens) for name, value in [("loss", loss.item()),
                                                                                         *stats.items()]}
     out["student_entropy"] = (entropy(student_logits.detach()).mean().item(), tokens)
-    out["teacher_entropy"] = (entropy(teacher_token_logits).mean().item(), tokens)
-    out["privilege_gap"] = (gap, tutored if tutoring is not None else tokens)
+    out["teacher_entropy"] = (scores.entropy, tokens)
+    out["privilege_gap"] = (scores.privilege_gap, tutored if tutoring is not None else tokens)
     out["rollout_length"] = (rollout.lengths.float().mean().item(), count)
     rewards = tutoring["rewards"].tolist() if tutoring is not None else \
         [score_sample(text, row) for text, row in zip(rollout.texts, rows)]

@@ -121,6 +121,19 @@ def patch_embed_as_matmul(model):
     return model
 
 
+def load_processor(name_or_path):
+    """The processor of a model (left padding, as batched sampling needs), without its weights."""
+    if name_or_path in TINY_SIZES:
+        return tiny_processor()
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isdir(name_or_path.split("/")[0])
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"checkpoint directory '{name_or_path}' does not exist "
+                                f"(a model is 'tiny', 'tiny-large', a hub id or a local directory)")
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
 def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
     """(model, processor). 'tiny' / 'tiny-large' build the embedded model with random weights
     (seeded); anything else goes to transformers' from_pretrained (a hub id or a local directory).
@@ -132,12 +145,7 @@ def load_model(name_or_path, dtype=torch.float32, seed=0, device="cpu"):
         with torch.no_grad():  # random init puts position embeddings ~30x below patch embeddings;
             model.model.visual.pos_embed.weight.mul_(POS_EMBED_SCALE)  # match them so position is readable
     else:
-        looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isdir(name_or_path.split("/")[0])
-        if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
-            raise FileNotFoundError(f"checkpoint directory '{name_or_path}' does not exist "
-                                    f"(a model is 'tiny', 'tiny-large', a hub id or a local directory)")
-        processor = AutoProcessor.from_pretrained(name_or_path)
-        processor.tokenizer.padding_side = "left"
+        processor = load_processor(name_or_path)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
         cue_recovery.attach(model, saved=os.path.expanduser(name_or_path))  # a ViCuR checkpoint's module
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -204,3 +212,46 @@ def memory_plan(student, teacher, weight_bytes, micro_batch_tokens, tokenizer, w
     if teacher is not None:
         rows.append(("teacher logits (one micro-batch)", micro_batch_tokens * vocab * weight_bytes))
     return rows
+
+
+def teacher_memory_plan(teacher, weight_bytes, micro_batch_tokens, tokenizer):
+    """Per-GPU memory, in bytes, of a rank that holds only the teacher (--teacher_ranks): its frozen
+    weights, one decoder layer's activations at a time (a forward without gradient keeps none for a
+    backward: 34 T d bytes in 16-bit, as in memory_plan), and its logits for one micro-batch (T V)."""
+    params, hidden, _, vocab, _ = parameter_counts(teacher, tokenizer)
+    return [(f"teacher weights ({teacher}), frozen", params * weight_bytes),
+            ("activations of one layer, estimate (no backward)", 34 * micro_batch_tokens * hidden * weight_bytes // 2),
+            ("teacher logits (one micro-batch)", micro_batch_tokens * vocab * weight_bytes)]
+
+
+def print_memory_plan(config, world_size, distilling):
+    """--dry_run: what one GPU holds for this config, from the model's shapes alone (memory_plan);
+    with --teacher_ranks, what a student rank and what a teacher rank hold (teacher_memory_plan).
+    config: train.Config; distilling: its mode has a teacher."""
+    teacher = None
+    if distilling:
+        teacher = config.init_from or config.student if config.teacher == "self" else config.teacher
+    tokens = config.batch_size * (config.num_rollouts if distilling else 1) * config.max_length
+    weight_bytes, tokenizer = torch.finfo(getattr(torch, config.dtype)).bits // 8, tiny_processor().tokenizer
+    remote = bool(config.teacher_ranks and teacher)
+    students = world_size - config.teacher_ranks if remote else world_size
+    rows = memory_plan(config.init_from or config.student, None if remote else teacher, weight_bytes, tokens, tokenizer,
+                       students, config.shard_optimizer, config.grad_ckpt, config.freeze_vision,
+                       config.logits_from_hidden and distilling)
+    if remote:  # what comes back: the sampled tokens' log-probs, or the full rows for a divergence loss
+        full_rows = config.mode != "ptdpo" and config.loss != "sampled_rkl"
+        rows.append(("the teacher's answer (one micro-batch)", tokens * (parameter_counts(teacher, tokenizer)[3] *
+                                                                       weight_bytes if full_rows else 8)))
+    roles = [("a student rank" if remote else "per GPU", rows)]
+    if remote:
+        roles.append(("a teacher rank", teacher_memory_plan(teacher, weight_bytes, tokens, tokenizer)))
+    print(f"memory plan: {config.mode}, student {config.init_from or config.student}, {config.dtype}, world size "
+          f"{world_size}" + (f" ({students} student + {config.teacher_ranks} teacher ranks)" if remote else "")
+          + f", micro-batch {tokens} tokens (global batch {config.batch_size * config.grad_accum * students})")
+    for role, rows in roles:
+        total = sum(size for _, size in rows)
+        print(f" {role}:")
+        for name, size in rows + [("total", total)]:
+            print(f"  {name:<56} {size / 2**30:>8.1f} GiB")
+        print(f"  {'fits on an 80 GB card' if total < 80e9 else 'does NOT fit on an 80 GB card'}")
+    print("  the activation lines are estimates; --shard_optimizer, --grad_ckpt and --freeze_vision each shrink a line")

@@ -26,7 +26,7 @@ class FlatAdamW:
     gradient is 0, not None), as under DDP; every weight of our models gets a gradient every step."""
 
     def __init__(self, params, lr, weight_decay, betas, rank=0, world_size=1, shard=False, eps=1e-8,
-                 bucket_elements=2**24):
+                 bucket_elements=2**24, group=None):
         self.params = [p for p in params if p.requires_grad]
         if len({p.dtype for p in self.params}) != 1:
             raise ValueError(f"FlatAdamW needs one dtype for all trained weights, got {({p.dtype for p in self.params})}")
@@ -36,6 +36,7 @@ class FlatAdamW:
         self.rank, self.start = rank, (rank * self.shard_size if shard else 0)
         self.world_size, self.weight_decay, self.betas, self.eps = world_size, weight_decay, betas, eps
         self.bucket_elements = bucket_elements
+        self.group = group                      # the ranks that train (None: all; see train.STUDENTS)
         self.param_groups = [{"lr": lr}]                                 # set by the loop, as on torch's optimizers
         device, dtype = self.params[0].device, self.params[0].dtype
         self.grads = torch.zeros(self.shard_size * self.parts, dtype=dtype, device=device)
@@ -66,12 +67,12 @@ class FlatAdamW:
         """The ranks' mean gradient over this rank's shard, in float32 (the communication of a step)."""
         if self.parts > 1:
             shard = torch.empty(self.shard_size, dtype=self.grads.dtype, device=self.grads.device)
-            dist.reduce_scatter_tensor(shard, self.grads)
+            dist.reduce_scatter_tensor(shard, self.grads, group=self.group)
         else:
             shard = self.grads
             if self.world_size > 1:
                 for bucket in self.grads.split(self.bucket_elements):    # a few calls, not one per weight
-                    dist.all_reduce(bucket)
+                    dist.all_reduce(bucket, group=self.group)
         return shard.float().div_(self.world_size)     # in place in float32: the buffer is zeroed after the step
 
     @torch.no_grad()
@@ -80,7 +81,7 @@ class FlatAdamW:
         # sum of squares in float64, a slice at a time (no float64 copy of the whole shard)
         norm_sq = sum(piece.double().pow(2).sum() for piece in grad.split(self.bucket_elements))
         if self.parts > 1:
-            dist.all_reduce(norm_sq)
+            dist.all_reduce(norm_sq, group=self.group)
         norm = norm_sq.sqrt().item()
         grad.mul_(min(1.0, grad_clip / (norm + 1e-6)))
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
@@ -106,7 +107,7 @@ class FlatAdamW:
         for source in range(self.parts):
             if source == self.rank:
                 buffer.copy_(tensor)
-            dist.broadcast(buffer, src=source)
+            dist.broadcast(buffer, src=source, group=self.group)  # the student ranks are ranks 0..S-1
             yield source, buffer
 
     def layout(self):

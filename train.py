@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 import cli
 import cue_recovery
+import teacher_ranks
 from checkpoint import load_train_state, save_checkpoint, saved_run
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device, validation_world, EVAL_SAMPLES, VALIDATION_SAMPLES)
 from distill import (check_same_tokenizer, gap_prompts, gap_report, headroom, hint_text, measure_gap, microbatch_loss,
                      rollout_completions, teacher_messages, timed, unrelated_cues)
 from evaluate import evaluate, write_evaluation
-from model import TINY_SIZES, load_model, memory_plan, num_parameters, tiny_processor
+from model import TINY_SIZES, load_model, num_parameters, print_memory_plan
 from optim import FlatAdamW
 from report import evaluation_settings, finish, reuse_sft_evaluation
 from rollout import cat_rollouts, sample_completions, split_rollout
@@ -128,6 +129,8 @@ class Config:
     dtype: str = "float32"           # float32 or bfloat16 (weights; the optimizer keeps float32 master weights)
     shard_optimizer: bool = False    # split the optimizer's state (master weights, moments) across ranks
     grad_ckpt: bool = False          # recompute each decoder layer's activations in the backward pass
+    teacher_ranks: int = 0           # the last K of torchrun's ranks hold only the teacher and answer the others
+                                     # over point-to-point calls (teacher_ranks.py); 0 = a teacher on every rank
     freeze_vision: bool = False      # train the language model (and the cue module), not the vision tower
 
 
@@ -168,6 +171,9 @@ def parse_args(argv):
 
 MODE_PRIVILEGE = {"opd": "none", "opsd": "answer", "vicur": "cues", "ptdpo": "hints"}
 DISTILL_MODES = list(MODE_PRIVILEGE)
+# the process group of the student ranks under --teacher_ranks, in every collective of training (the
+# gradient average, the metrics, the checkpoint's check); None = all ranks, torch's default group
+STUDENTS = None
 
 
 def init_distributed(config):
@@ -204,7 +210,7 @@ def reduce_metrics(metrics, names, world_size):
     sums = torch.tensor([metrics.get(name, [0.0, 0.0]) for name in names], dtype=torch.float64)  # (M, 2)
     if world_size > 1:
         sums = sums.to(collective_device())
-        dist.all_reduce(sums)
+        dist.all_reduce(sums, group=STUDENTS)
     return {name: total / weight for name, (total, weight) in zip(names, sums.tolist()) if weight > 0}
 
 
@@ -213,7 +219,7 @@ def all_reduce_mean(value, world_size):
     if world_size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, group=STUDENTS)
     return tensor.item() / world_size
 
 
@@ -221,7 +227,11 @@ def all_reduce_mean(value, world_size):
 
 def training_samples(config, rank):
     """(training samples, evaluation samples): the embedded world, or the user's JSONL files
-    (without --eval_data, the last num_eval samples of --data are held out for evaluation)."""
+    (without --eval_data, the last num_eval samples of --data are held out for evaluation); under
+    --privilege=unrelated_cues (the control) every training sample carries another one's cue."""
+    if config.privilege == "unrelated_cues":
+        samples, eval_samples = training_samples(dataclasses.replace(config, privilege=""), rank)
+        return unrelated_cues(samples, config.seed), eval_samples
     if not config.data:
         return make_world(config.num_train, seed=config.seed), eval_world(config.num_eval, seed=config.seed)
     samples, skipped = load_jsonl(config.data, skip_bad=config.skip_bad)
@@ -451,25 +461,6 @@ def sft_stage(config, rank, world_size):
     return ckpt
 
 
-def print_memory_plan(config, world_size):
-    """--dry_run: what one GPU holds for this config, from the model's shapes alone (model.memory_plan)."""
-    teacher = None
-    if config.mode in DISTILL_MODES:
-        teacher = config.init_from or config.student if config.teacher == "self" else config.teacher
-    tokens = config.batch_size * (config.num_rollouts if config.mode in DISTILL_MODES else 1) * config.max_length
-    rows = memory_plan(config.init_from or config.student, teacher, torch.finfo(getattr(torch, config.dtype)).bits // 8,
-                       tokens, tiny_processor().tokenizer, world_size, config.shard_optimizer, config.grad_ckpt,
-                       config.freeze_vision, config.logits_from_hidden and config.mode in DISTILL_MODES)
-    total = sum(size for _, size in rows)
-    print(f"memory plan per GPU: {config.mode}, student {config.init_from or config.student}, {config.dtype}, "
-          f"world size {world_size}, micro-batch {tokens} tokens (global batch "
-          f"{config.batch_size * config.grad_accum * world_size})")
-    for name, size in rows + [("total", total)]:
-        print(f"  {name:<56} {size / 2**30:>8.1f} GiB")
-    print(f"  {'fits on an 80 GB card' if total < 80e9 else 'does NOT fit on an 80 GB card'}; the activation line "
-          f"is an estimate; --shard_optimizer, --grad_ckpt and --freeze_vision each shrink a line")
-
-
 def setup(config, rank, world_size):
     """Seeds, threads, and the run's parts: (source, model, processor, teacher or None, optimizer,
     training samples, evaluation samples, the step to start from)."""
@@ -485,10 +476,13 @@ def setup(config, rank, world_size):
     source = resume_dir if config.resume else (config.init_from or config.student)
     model, processor = load_model(source, dtype=getattr(torch, config.dtype), seed=config.seed, device=config.device)
     samples, eval_samples = training_samples(config, rank)
-    if config.privilege == "unrelated_cues":  # the control: every teacher hint is another sample's cue
-        samples = unrelated_cues(samples, config.seed)
     # the self teacher is a copy of the student as it starts, taken before the student gets its module
-    teacher = load_teacher(config, model, processor) if config.mode in DISTILL_MODES else None
+    teacher = None
+    if config.mode in DISTILL_MODES and config.teacher_ranks:                 # on a rank of its own
+        teacher = teacher_ranks.RemoteTeacher(teacher_ranks.teacher_of(rank, world_size, dist.get_world_size()),
+                                              samples + gap_prompts(config, samples), collective_device())
+    elif config.mode in DISTILL_MODES:
+        teacher = load_teacher(config, model, processor)
     if config.mode == "vicur" and config.cue_recovery and cue_recovery.get(model) is None:  # a resumed run has it
         cue_recovery.attach(model, processor, sink_every=config.sink_every or None, init=config.cue_init)
         count, share = cue_recovery.parameter_count(model)
@@ -500,7 +494,7 @@ def setup(config, rank, world_size):
     if config.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = FlatAdamW(model.parameters(), config.lr, config.weight_decay, (0.9, 0.95), rank, world_size,
-                          shard=config.shard_optimizer)
+                          shard=config.shard_optimizer, group=STUDENTS)
     step = load_train_state(config, optimizer) if config.resume else 0
     return source, model, processor, teacher, optimizer, samples, eval_samples, step
 
@@ -508,8 +502,11 @@ def setup(config, rank, world_size):
 def describe_teacher(teacher, samples, config):
     """Rank 0, before distilling: who the teacher is and what it sees -> the privilege."""
     privilege = config.privilege or MODE_PRIVILEGE[config.mode]
-    print(f"teacher: {config.teacher} ({num_parameters(teacher) / 1e6:.2f} M parameters), privilege "
-          f"'{privilege}', loss {config.loss}")
+    remote = isinstance(teacher, teacher_ranks.RemoteTeacher)
+    count = teacher.num_parameters if remote else num_parameters(teacher)
+    print(f"teacher: {config.teacher} ({count / 1e6:.2f} M parameters"
+          + (f", on {config.teacher_ranks} rank(s) of its own" if remote else "")
+          + f"), privilege '{privilege}', loss {config.loss}")
     lacking = sum(hint_text(s, privilege) is None for s in samples) if privilege != "none" else 0
     if lacking:
         print(f"note: {lacking} of {len(samples)} training samples have no {privilege}; "
@@ -546,6 +543,8 @@ def train(config, rank, world_size):
             write_evaluation(model, processor, eval_samples, os.path.join(config.out_dir, "eval_before.json"),
                              **evaluation_settings(config))
 
+    if isinstance(teacher, teacher_ranks.RemoteTeacher):
+        teacher.training()                         # its requests before training (the exact gap) are over
     metric_names = step_metric_names(config, has_module=cue_recovery.get(model) is not None)
     model.train()
     progress = tqdm(range(step, config.max_steps), initial=step, total=config.max_steps, disable=rank != 0,
@@ -592,8 +591,32 @@ def train(config, rank, world_size):
         finish(model, teacher, processor, eval_samples, config, world_size, notes, train_time, extra)
         print(f"done in {(time.time() - start_time) / 60:.1f} min; wrote {config.out_dir}/report.md, eval.json, ckpt/")
         log_file.close()
+    if isinstance(teacher, teacher_ranks.RemoteTeacher):
+        teacher.stop()
     if world_size > 1:
-        dist.barrier()  # the other ranks wait for rank 0's checkpoint and evaluation
+        dist.barrier(group=STUDENTS)  # the other ranks wait for rank 0's checkpoint and evaluation
+
+
+def train_with_teacher_ranks(config, rank, world_size):
+    """--teacher_ranks=K: ranks 0..S-1 train the student in their own process group (STUDENTS), ranks
+    S..W-1 serve the teacher (teacher_ranks.serve)."""
+    global STUDENTS
+    students = world_size - config.teacher_ranks
+    if config.mode not in DISTILL_MODES or not 0 < config.teacher_ranks < world_size:
+        raise SystemExit(f"error: --teacher_ranks={config.teacher_ranks} needs a distillation mode and fewer teacher "
+                         f"ranks than torchrun's {world_size}, so that at least one rank trains")
+    if not config.init_from and config.student in TINY_SIZES:
+        raise SystemExit("error: --teacher_ranks starts from a checkpoint (--init_from=DIR); the tiny default's SFT "
+                         "stage runs without it: python train.py --mode=sft first")
+    STUDENTS = dist.new_group(list(range(students)))                      # every rank takes part in making it
+    if rank < students:
+        train(config, rank, students)
+    else:
+        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
+        samples, _ = training_samples(config, rank)
+        teacher_ranks.serve(config, rank, students, world_size, samples + gap_prompts(config, samples),
+                            collective_device())
+    dist.destroy_process_group()
 
 
 def main(argv):
@@ -610,8 +633,11 @@ def main(argv):
         raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
                          f"--max_length={config.max_length}")
     if config.dry_run:
-        return print_memory_plan(config, int(os.environ.get("WORLD_SIZE", 1)))  # WORLD_SIZE=8 python train.py ...
+        # WORLD_SIZE=8 python train.py ...: the plan of one GPU of 8
+        return print_memory_plan(config, int(os.environ.get("WORLD_SIZE", 1)), config.mode in DISTILL_MODES)
     rank, world_size = init_distributed(config)
+    if config.teacher_ranks:
+        return train_with_teacher_ranks(config, rank, world_size)
     if config.mode in DISTILL_MODES and not config.init_from and config.student in TINY_SIZES:
         if config.resume and not any(os.path.isdir(os.path.join(config.out_dir, d, "ckpt")) for d in ("", "sft")):
             raise SystemExit(f"error: --resume=true but neither {config.out_dir}/ckpt nor {config.out_dir}/sft/ckpt "

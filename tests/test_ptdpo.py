@@ -173,24 +173,29 @@ def test_states_matches_whole_words_only():
     assert not mentions_answer("a 13 b", "3") and not mentions_answer("topleft", "top left") and not mentions_answer("x", "")
 
 
-def test_ptd_reference_lines_up_with_the_student_tokens(tiny):
+def test_ptd_groups_and_the_reference_line_up_with_the_student_tokens(tiny):
     """Per-rollout rewards, advantages and gates are spread over each rollout's tokens in the order
-    completion_logits flattens them; the tutor's logits cover exactly the tutored tokens."""
+    completion_logits flattens them; the reference's plain log-probs cover every token, its logits
+    under the hint exactly the tutored tokens."""
     from data import collate, student_messages
-    from distill import completion_logits, ptd_reference, rollout_completions, scoring_batch
+    from distill import completion_logits, ptd_groups, rollout_completions, scoring_batch, teacher_scores
     from rollout import sample_completions
+    from train import Config
     model, processor = tiny
     prompts = eval_world(2, seed=5)
     rollout = sample_completions(model, processor, collate(processor, [student_messages(s) for s in prompts]), n=3,
                      max_new_tokens=12, generator=torch.Generator().manual_seed(0))
     rows = [s for s in prompts for _ in range(3)]
     completions = rollout_completions(rollout)
-    plain, tutoring = ptd_reference(model, processor, rows, rollout, completions, "hints", group_size=3)
+    tutoring = ptd_groups(rows, rollout, group_size=3)
+    scores = teacher_scores(model, processor, rows, completions, "hints", Config(mode="ptdpo", num_rollouts=3),
+                            with_gap=True, tutored_rows=tutoring["tutored_rows"])
     _, tokens = completion_logits(model, scoring_batch(processor, [student_messages(s) for s in rows], completions))
     assert torch.equal(tokens, torch.tensor([t for c in completions for t in c]))
     row_of_token = torch.arange(len(rows)).repeat_interleave(torch.tensor([len(c) for c in completions]))
     assert torch.equal(tutoring["advantages"], group_advantages(tutoring["rewards"], 3)[row_of_token])
     gated, tutored = ptd_gate(tutoring["rewards"], 3)
     assert torch.equal(tutoring["tutored"], tutored[row_of_token]) and torch.equal(tutoring["gated"], gated[row_of_token])
-    assert plain.shape[0] == len(tokens)
-    assert int(tutored[row_of_token].sum()) == (0 if tutoring["tutor_logits"] is None else len(tutoring["tutor_logits"]))
+    assert tutoring["tutored_rows"] == tutored.nonzero()[:, 0].tolist()
+    assert scores.token_logprobs.shape == tokens.shape and scores.logits is None
+    assert int(tutored[row_of_token].sum()) == (0 if scores.tutor_logits is None else len(scores.tutor_logits))

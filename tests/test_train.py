@@ -300,11 +300,24 @@ def test_dry_run_prints_the_memory_plan_of_both_presets(capsys, monkeypatch):
     for preset, weights_gib in (("qwen3vl-2b", 2.13e9 * 2 / 2**30), ("qwen3vl-8b", 8.77e9 * 2 / 2**30)):
         train.main([f"--preset={preset}", "--dry_run"])
         printed = capsys.readouterr().out
-        assert "memory plan per GPU" in printed and "world size 8" in printed and "(global batch 128)" in printed
+        assert "memory plan" in printed and "world size 8" in printed and "(global batch 128)" in printed
         line = next(l for l in printed.splitlines() if "student weights" in l)
         assert float(line.split()[-2]) == pytest.approx(weights_gib, abs=0.06)
         assert "total" in printed and "80 GB card" in printed
     assert train.parse_args(["--resume"]).resume is True
+
+
+def test_dry_run_prints_both_roles_with_the_teacher_on_its_own_ranks(capsys, monkeypatch):
+    """8B student + 32B teacher: on every rank it does not fit on 80 GB; on 4 + 4 ranks both roles fit."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    flags = ["--preset=qwen3vl-8b", "--mode=opd", "--teacher=Qwen/Qwen3-VL-32B-Instruct", "--dry_run"]
+    train.main(flags)
+    assert "does NOT fit" in capsys.readouterr().out
+    train.main(flags + ["--teacher_ranks=4"])
+    printed = capsys.readouterr().out
+    assert "(4 student + 4 teacher ranks)" in printed and " a student rank:" in printed and " a teacher rank:" in printed
+    totals = [float(l.split()[-2]) for l in printed.splitlines() if l.strip().startswith("total")]
+    assert len(totals) == 2 and max(totals) < 80e9 / 2**30 and "does NOT fit" not in printed
 
 
 def test_rollouts_sampled_in_chunks_reach_each_micro_batch_as_sampled_one_micro_batch_at_a_time(tiny, monkeypatch):
