@@ -9,8 +9,9 @@ script, so this is ours:
 1. show a VLM the image, the question and the reference answer, with CUE_PROMPT: state the evidence
    as it appears, never the answer, the final value or the method;
 2. sample with our own rollout sampler, a batch of samples at a time;
-3. reject a cue that states the answer (`leak`), is empty, or is longer than --max_words; draw again,
-   up to --tries samples for each;
+3. reject a cue that states the answer (`leak`), gives any final answer ('the answer is ...': it solved
+   instead of describing), is empty, or is longer than --max_words; draw again, up to --tries samples
+   for each;
 4. write every input line to --out in data.py's format, an accepted cue in its `cue` field, and
    report accepted / rejected-for-leak / rejected-other with examples (--out's `.report.json`).
 
@@ -43,7 +44,8 @@ from tqdm import tqdm
 import cli
 from data import collate, parse_record, to_device, user_message
 from distill import exact_gap, gap_change, mentions_answer
-from evaluate import _LATEX_FRAC, _choice_letter, _clean, _number_of, _parse_number
+from evaluate import (_ANSWER_TAG, _GSM8K_MARK, _LATEX_FRAC, _choice_letter, _clean, _last_answer_phrase, _last_boxed,
+                      _number_of, _parse_number)
 from model import load_model
 from rollout import sample_completions
 
@@ -123,14 +125,26 @@ def leak(cue, answer, choices=()):
     return "; ".join(reasons) or None
 
 
+def concludes(cue):
+    """The final answer a cue gives, right or wrong, in a form evaluate.extract_answer reads
+    ('the answer is X', 'answer: X', \\boxed{X}, <answer>X</answer>, '#### X'), else None."""
+    found = _last_boxed(cue) or _last_answer_phrase(cue) or _ANSWER_TAG.search(cue) or _GSM8K_MARK.search(cue)
+    return found if isinstance(found, str) or found is None else found.group(1)
+
+
 def check_cue(cue, sample, max_words):
-    """-> ('accepted' | 'leak' | 'empty' | 'too_long', reason)."""
+    """-> ('accepted' | 'leak' | 'answers' | 'empty' | 'too_long', reason). A cue that states the
+    answer is a leak; one that gives an answer anyway (a wrong one: it solved instead of describing)
+    is rejected as `answers`."""
     if not cue.strip():
         return "empty", "no text"
     if len(cue.split()) > max_words:
         return "too_long", f"{len(cue.split())} words > {max_words}"
     reason = leak(cue, sample.answer, sample.choices)
-    return ("leak", reason) if reason else ("accepted", "")
+    if reason:
+        return "leak", reason
+    conclusion = concludes(cue)
+    return ("answers", f"gives the answer '{conclusion}'") if conclusion is not None else ("accepted", "")
 
 
 def cue_prompt(sample, template):
@@ -285,7 +299,7 @@ def main(argv):
                 bar.update(len(chunk))
     drawn = sum(verdicts.values())
     print(f"{drawn} cues drawn: " + ", ".join(f"{v} {verdicts[v]} ({100 * verdicts[v] / max(drawn, 1):.1f}%)"
-                                              for v in ("accepted", "leak", "empty", "too_long")))
+                                              for v in ("accepted", "leak", "answers", "empty", "too_long")))
     print(f"samples: {outcome['accepted']} with a new cue, {outcome['given up']} given up after {config.tries} tries"
           + (" (they keep their old cue)" if config.keep_cue else " (no cue)"))
     for verdict, shown in examples.items():

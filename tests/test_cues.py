@@ -50,11 +50,14 @@ def test_numbers_in_reads_digits_fractions_and_words():
         Fraction(8), Fraction(5, 2), Fraction(1, 2), Fraction(300), Fraction(21)]
 
 
-def test_check_cue_rejects_empty_and_long():
+def test_check_cue_rejects_empty_long_and_answering():
     sample = make_world(1)[0]
     assert cues.check_cue("  ", sample, max_words=5)[0] == "empty"
     assert cues.check_cue("a b c d e f", sample, max_words=5)[0] == "too_long"
     assert cues.check_cue("look at the left", sample, max_words=5)[0] == "accepted"
+    wrong = "no" if sample.answer != "no" else "yes"                  # a final answer, not the right one
+    assert cues.check_cue(f"a1 red . so the answer is {wrong} .", sample, max_words=20)[0] == "answers"
+    assert cues.check_cue(f"the value is \\boxed{{{wrong}}}", sample, max_words=20)[0] == "answers"
 
 
 def write_world(folder, count=6):
