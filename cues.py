@@ -230,7 +230,7 @@ def compare_gap(config, rows):
         print("privilege gap: no sample has both its own cue and a generated one")
         return None
     generated = [dataclasses.replace(s, cue=made[s.id]) for s in own]
-    student, processor = load_model(config.gap_student, device=config.device)
+    student, processor = load_model(config.gap_student, dtype=getattr(torch, config.dtype), device=config.device)
     measure = lambda prompts: exact_gap(student, student, processor, prompts, "cues", 512, 96, seed=config.seed)  # noqa: E731
     before, after = measure(own), measure(generated)
     change, se = gap_change(before, after)["gap"]
@@ -262,6 +262,7 @@ class CueConfig:
     gap_student: str = ""            # a checkpoint: the privilege gap of generated against the file's own cues
     gap_prompts: int = 512           # at most this many samples for that gap
     device: str = "cpu"              # cpu or cuda
+    dtype: str = "float32"           # float32 or bfloat16 (a 32B cue maker on one GPU needs bfloat16)
 
 
 def main(argv):
@@ -278,7 +279,7 @@ def main(argv):
           + (f"; {len(skipped)} bad lines skipped, first: {skipped[0]}" if skipped else "") + ")")
     verdicts, examples, outcome = Counter(), {}, Counter()
     if todo:
-        model, processor = load_model(config.model, device=config.device)
+        model, processor = load_model(config.model, dtype=getattr(torch, config.dtype), device=config.device)
         data_folder, out_folder = (os.path.dirname(os.path.abspath(p)) for p in (config.data, config.out))
         os.makedirs(out_folder, exist_ok=True)
         with open(config.out, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="cues") as bar:
