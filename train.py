@@ -63,7 +63,7 @@ class Config:
                                      # the one budget of every row of docs/testbed.md: 40 steps of 32 completions
     batch_size: int = 32             # per rank, per micro-step: prompts (each with num_rollouts completions)
     grad_accum: int = 1              # micro-steps per optimizer step
-    lr: float = 2e-5                 # peak learning rate (AdamW, betas 0.9 / 0.95); the SFT stage has sft_lr. 2e-5:
+    lr: float = 6e-5                 # peak learning rate (AdamW, betas 0.9 / 0.95); the SFT stage has sft_lr. 6e-5:
                                      # ViCuR's choice from tables.py's grid on the validation split (docs/testbed.md)
     min_lr_ratio: float = 0.1        # cosine decay to lr * min_lr_ratio
     warmup_steps: int = 4            # linear warm-up from lr / warmup_steps
