@@ -23,16 +23,18 @@ def test_help_lists_every_config_key_with_its_type_default_and_comment(capsys):
     printed = capsys.readouterr().out
     for field in dataclasses.fields(train.Config):
         assert f"--{field.name}={field.default!r}" in printed, field.name
-    assert "--lr=2e-05" in printed and "float  peak learning rate" in printed             # type and comment
+    assert f"--lr={train.Config.lr!r}" in printed and "float  peak learning rate" in printed   # type and comment
     assert "\n ViCuR: the student's sink-token cue recovery module" in printed          # the dataclass's groups
     assert all(f"  {name}: " in printed for name in train.PRESETS)
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["-h"])
     printed = capsys.readouterr().out
     assert stop.value.code == 0 and all(f"--{f.name}=" in printed for f in dataclasses.fields(evaluate.EvalConfig))
+    import cues
     import data
     import tables
-    for script, config_class in ((data, data.WorldConfig), (tables, tables.TablesConfig)):   # one parser for all
+    for script, config_class in ((data, data.WorldConfig), (tables, tables.TablesConfig), (cues, cues.CueConfig)):
+        # one parser for all
         with pytest.raises(SystemExit) as stop:
             script.main(["--help"])
         printed = capsys.readouterr().out
