@@ -231,8 +231,8 @@ def teacher_scores(teacher, processor, rows, completions, privilege, config, wit
         tutor = teacher_logits(teacher, processor, [rows[i] for i in picked], privilege,
                                [completions[i] for i in picked], config.max_length) if picked else None
         row_of_token = torch.arange(len(rows)).repeat_interleave(torch.tensor([len(c) for c in completions]))
-        gap = privilege_gap(tutor, logits[torch.isin(row_of_token, torch.tensor(picked, dtype=torch.long))]) \
-            if with_gap and picked else 0.0
+        tutored_tokens = torch.isin(row_of_token, torch.tensor(picked, dtype=torch.long)).to(logits.device)
+        gap = privilege_gap(tutor, logits[tutored_tokens]) if with_gap and picked else 0.0
         full = None
     else:
         logits, tutor = teacher_logits(teacher, processor, rows, privilege, completions, config.max_length), None
