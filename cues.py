@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 import cli
-from data import collate, parse_record, to_device, user_message
+from data import collate, read_jsonl, to_device, user_message
 from distill import exact_gap, gap_change, mentions_answer
 from evaluate import (_ANSWER_TAG, _GSM8K_MARK, _LATEX_FRAC, _choice_letter, _clean, _last_answer_phrase, _last_boxed,
                       _number_of, _parse_number)
@@ -175,32 +175,6 @@ def draw_cues(model, processor, rows, config, template):
     return [(tries[-1][0] if tries[-1][1] == "accepted" else None, tries) for tries in attempts]
 
 
-def read_input(path, skip_bad):
-    """[(line number, raw record, Sample)] of a JSONL file in data.py's format; a bad line raises
-    'FILE:LINE: reason', or with skip_bad is counted. -> (rows, skipped)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: data file not found")
-    folder, rows, skipped = os.path.dirname(os.path.abspath(path)), [], []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise ValueError(f"not valid UTF-8 (byte {error.start})") from None
-                sample = parse_record(line, folder)
-            except ValueError as error:
-                if not skip_bad:
-                    raise SystemExit(f"error: {path}:{number}: {error}") from None
-                skipped.append(f"{path}:{number}: {error}")
-                continue
-            sample.id = sample.id or f"{os.path.basename(path)}:{number}"
-            rows.append((number, json.loads(line), sample))
-    return rows, skipped
-
-
 def done_ids(out):
     """The ids --out already holds (a resume). A last line cut off by a crash is removed first."""
     with open(out, "rb+") as f:
@@ -231,6 +205,7 @@ def compare_gap(config, rows):
         return None
     generated = [dataclasses.replace(s, cue=made[s.id]) for s in own]
     student, processor = load_model(config.gap_student, dtype=getattr(torch, config.dtype), device=config.device)
+    # the embedded world's lengths (Config.max_length, max_new_tokens); the teacher is the student + the cue
     measure = lambda prompts: exact_gap(student, student, processor, prompts, "cues", 512, 96, seed=config.seed)  # noqa: E731
     before, after = measure(own), measure(generated)
     change, se = gap_change(before, after)["gap"]
@@ -272,7 +247,10 @@ def main(argv):
     if os.path.exists(config.out) and not config.resume:
         raise SystemExit(f"error: {config.out} exists; pass --resume to continue it, or choose another --out")
     template = open(config.prompt, encoding="utf-8").read() if config.prompt else CUE_PROMPT
-    rows, skipped = read_input(config.data, config.skip_bad)
+    try:
+        rows, skipped = read_jsonl(config.data, config.skip_bad)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     done = done_ids(config.out) if os.path.exists(config.out) else set()
     todo = [row for row in rows if row[2].id not in done]
     print(f"cues for {len(todo)} of {len(rows)} samples in {config.data} ({len(done)} already in {config.out}"

@@ -368,13 +368,14 @@ def parse_record(line, folder):
                   tolerance=float(tolerance))
 
 
-def load_jsonl(path, skip_bad=False):
-    """Load and validate a JSONL file of samples. A bad line raises 'FILE:LINE: reason',
-    or with skip_bad=True is skipped, counted and reported. Returns (samples, num_skipped)."""
+def read_jsonl(path, skip_bad=False):
+    """[(line number, the line's JSON object, its Sample)] of a JSONL file of samples, each line validated.
+    A bad line raises ValueError('FILE:LINE: reason'), or with skip_bad=True is skipped and counted.
+    A sample without an id gets 'FILE:LINE'. -> (rows, ['FILE:LINE: reason' of each skipped line])."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file not found")
     folder = os.path.dirname(os.path.abspath(path))
-    samples, skipped = [], []
+    rows, skipped = [], []
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -391,12 +392,18 @@ def load_jsonl(path, skip_bad=False):
                 skipped.append(f"{path}:{line_number}: {error}")
                 continue
             sample.id = sample.id or f"{os.path.basename(path)}:{line_number}"
-            samples.append(sample)
+            rows.append((line_number, json.loads(line), sample))
+    return rows, skipped
+
+
+def load_jsonl(path, skip_bad=False):
+    """Load and validate a JSONL file of samples (read_jsonl). Returns (samples, num_skipped)."""
+    rows, skipped = read_jsonl(path, skip_bad)
     if skipped:
         print(f"load_jsonl: skipped {len(skipped)} bad line(s) in {path}; first: {skipped[0]}")
-    if not samples:
+    if not rows:
         raise ValueError(f"{path}: no valid samples")
-    return samples, len(skipped)
+    return [sample for _, _, sample in rows], len(skipped)
 
 
 # ----------------------------------------------------------------------------- prompts and batches
