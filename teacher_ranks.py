@@ -22,9 +22,8 @@ teacher this way, on 4 of 8 GPUs (vLLM); verl serves it from a resource pool of 
 import torch
 import torch.distributed as dist
 
-import cue_recovery
-from distill import PRIVILEGES, TeacherScores, check_same_tokenizer, teacher_logits, teacher_scores
-from model import load_model, load_processor, num_parameters
+from distill import PRIVILEGES, TeacherScores, teacher_logits, teacher_scores
+from model import num_parameters
 
 STOP, SCORES, LOGITS, TRAINING = range(4)   # the kinds of request
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -91,23 +90,6 @@ class RemoteTeacher:
         self._ask(STOP)
 
 
-def load_teacher_rank(config, device):
-    """(teacher, the student's processor): a teacher rank holds only the teacher; prompts are made with
-    the student's processor, as on a student rank. The self teacher is the starting checkpoint."""
-    source = config.init_from or config.student
-    processor = load_processor(source)
-    dtype = getattr(torch, config.dtype)
-    if config.teacher == "self":
-        teacher, _ = load_model(source, dtype=dtype, seed=config.seed, device=device)
-        if cue_recovery.get(teacher) is not None:
-            raise SystemExit(f"error: the self teacher is the plain starting model, but {source} carries a cue "
-                             f"recovery module; start from a checkpoint without one")
-    else:
-        teacher, teacher_processor = load_model(config.teacher, dtype=dtype, device=device)
-        check_same_tokenizer(processor, teacher_processor, config.teacher)
-    return teacher.eval().requires_grad_(False), processor
-
-
 def answer(teacher, processor, pool, config, client, device):
     """Receive one request of a student and answer it; -> the request's kind."""
     header = torch.empty(6, dtype=torch.int64, device=device)
@@ -136,10 +118,10 @@ def answer(teacher, processor, pool, config, client, device):
     return kind
 
 
-def serve(config, rank, students, world_size, pool, device):
-    """A teacher rank's whole run: load the teacher, tell each of its students what it holds, answer each
-    one's requests before training, then all of them in turn until each says stop."""
-    teacher, processor = load_teacher_rank(config, device)
+def serve(teacher, processor, config, rank, students, world_size, pool, device):
+    """A teacher rank's whole run, with the teacher train.load_teacher loaded and the students' processor:
+    tell each of its students what it holds, answer each one's requests before training, then all of
+    them in turn until each says stop."""
     clients = [s for s in range(students) if teacher_of(s, students, world_size) == rank]
     about = [teacher.lm_head.weight.shape[0], num_parameters(teacher), DTYPES.index(teacher.dtype)]
     for client in clients:

@@ -36,7 +36,7 @@ from data import (collate, completion_token_ids, describe_sample, eval_world, lo
 from distill import (check_same_tokenizer, gap_prompts, gap_report, headroom, hint_text, measure_gap, microbatch_loss,
                      rollout_completions, teacher_messages, timed, unrelated_cues)
 from evaluate import evaluate, write_evaluation
-from model import TINY_SIZES, load_model, num_parameters, print_memory_plan
+from model import TINY_SIZES, load_model, load_processor, num_parameters, print_memory_plan
 from optim import FlatAdamW
 from report import evaluation_settings, finish, reuse_sft_evaluation
 from rollout import cat_rollouts, sample_completions, split_rollout
@@ -320,9 +320,10 @@ def sft_step(model, processor, samples, step, rank, world_size, config, times):
 # ----------------------------------------------------------------------------- on-policy distillation
 
 def load_teacher(config, student, processor):
-    """'self': a frozen copy of the student as it starts (never trained; on --resume it is loaded
-    again from where the run started, not from the trained checkpoint); else a stronger model."""
-    if config.teacher == "self" and not config.resume:
+    """'self': a frozen copy of the student as it starts (never trained; on --resume, or on a teacher
+    rank, where student is None, it is loaded from where the run started, not from a trained
+    checkpoint); else a stronger model."""
+    if config.teacher == "self" and student is not None and not config.resume:
         teacher = copy.deepcopy(student)
     elif config.teacher == "self":
         teacher, _ = load_model(config.init_from or config.student, dtype=getattr(torch, config.dtype),
@@ -461,13 +462,24 @@ def sft_stage(config, rank, world_size):
     return ckpt
 
 
+def set_threads(config, ranks):
+    """--threads, or the cores shared among the ranks on this machine."""
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // ranks))
+
+
+def teacher_pool(config, samples):
+    """The rows a student asks its teacher rank about, in one order on both sides (teacher_ranks.py):
+    the training samples, then the exact gap's prompts."""
+    return samples + gap_prompts(config, samples)
+
+
 def setup(config, rank, world_size):
     """Seeds, threads, and the run's parts: (source, model, processor, teacher or None, optimizer,
     training samples, evaluation samples, the step to start from)."""
     torch.manual_seed(config.seed)
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
-    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
+    set_threads(config, world_size)
     resume_dir = os.path.join(config.out_dir, "ckpt")
     if config.resume and not os.path.isdir(resume_dir) and os.path.isdir(resume_dir + ".old"):
         os.replace(resume_dir + ".old", resume_dir)  # killed between save_checkpoint's two renames
@@ -480,7 +492,7 @@ def setup(config, rank, world_size):
     teacher = None
     if config.mode in DISTILL_MODES and config.teacher_ranks:                 # on a rank of its own
         teacher = teacher_ranks.RemoteTeacher(teacher_ranks.teacher_of(rank, world_size, dist.get_world_size()),
-                                              samples + gap_prompts(config, samples), collective_device())
+                                              teacher_pool(config, samples), collective_device())
     elif config.mode in DISTILL_MODES:
         teacher = load_teacher(config, model, processor)
     if config.mode == "vicur" and config.cue_recovery and cue_recovery.get(model) is None:  # a resumed run has it
@@ -612,10 +624,11 @@ def train_with_teacher_ranks(config, rank, world_size):
     if rank < students:
         train(config, rank, students)
     else:
-        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // world_size))
+        set_threads(config, world_size)
         samples, _ = training_samples(config, rank)
-        teacher_ranks.serve(config, rank, students, world_size, samples + gap_prompts(config, samples),
-                            collective_device())
+        processor = load_processor(config.init_from or config.student)   # prompts as the students make them
+        teacher_ranks.serve(load_teacher(config, None, processor), processor, config, rank, students, world_size,
+                            teacher_pool(config, samples), collective_device())
     dist.destroy_process_group()
 
 
