@@ -44,8 +44,7 @@ from tqdm import tqdm
 import cli
 from data import collate, read_jsonl, to_device, user_message
 from distill import exact_gap, gap_change, mentions_answer
-from evaluate import (_ANSWER_TAG, _GSM8K_MARK, _LATEX_FRAC, _choice_letter, _clean, _last_answer_phrase, _last_boxed,
-                      _number_of, _parse_number)
+from evaluate import _LATEX_FRAC, _choice_letter, _clean, _number_of, _parse_number, stated_answer
 from model import load_model
 from rollout import sample_completions
 
@@ -125,13 +124,6 @@ def leak(cue, answer, choices=()):
     return "; ".join(reasons) or None
 
 
-def concludes(cue):
-    """The final answer a cue gives, right or wrong, in a form evaluate.extract_answer reads
-    ('the answer is X', 'answer: X', \\boxed{X}, <answer>X</answer>, '#### X'), else None."""
-    found = _last_boxed(cue) or _last_answer_phrase(cue) or _ANSWER_TAG.search(cue) or _GSM8K_MARK.search(cue)
-    return found if isinstance(found, str) or found is None else found.group(1)
-
-
 def check_cue(cue, sample, max_words):
     """-> ('accepted' | 'leak' | 'answers' | 'empty' | 'too_long', reason). A cue that states the
     answer is a leak; one that gives an answer anyway (a wrong one: it solved instead of describing)
@@ -143,7 +135,7 @@ def check_cue(cue, sample, max_words):
     reason = leak(cue, sample.answer, sample.choices)
     if reason:
         return "leak", reason
-    conclusion = concludes(cue)
+    conclusion = stated_answer(cue)
     return ("answers", f"gives the answer '{conclusion}'") if conclusion is not None else ("accepted", "")
 
 

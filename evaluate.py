@@ -82,15 +82,10 @@ def _choice_letter(text):
     return match.group(1).upper() if match else None
 
 
-def extract_answer(text):
-    """The final answer of a reasoning trace, or None.
-
-    Tried in order, the last occurrence winning within each kind: \\boxed{X},
-    <answer>X</answer>, "#### X" (GSM8K), "answer: X" / "the answer is X", a text that
-    is just a multiple-choice letter, and last a final line of at most 3 words.
-    """
-    if not isinstance(text, str) or not text.strip():
-        return None
+def stated_answer(text):
+    """The final answer a text states in so many words, or None: tried in order, the last occurrence
+    winning within each kind, \\boxed{X}, <answer>X</answer>, "#### X" (GSM8K), "answer: X" / "the
+    answer is X". (cues.py rejects a cue that has one.)"""
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return boxed.strip()
@@ -98,7 +93,18 @@ def extract_answer(text):
         answers = [m.group(1).strip() for m in pattern.finditer(text) if m.group(1).strip()]
         if answers:
             return answers[-1]
-    answer = _last_answer_phrase(text)
+    return _last_answer_phrase(text)
+
+
+def extract_answer(text):
+    """The final answer of a reasoning trace, or None.
+
+    Tried in order: stated_answer (\\boxed{X}, <answer>X</answer>, "#### X", "answer: X" / "the answer
+    is X"), a text that is just a multiple-choice letter, and last a final line of at most 3 words.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    answer = stated_answer(text)
     if answer:
         return answer
     letter = _choice_letter(text)
