@@ -56,7 +56,7 @@ class Config:
     num_train: int = 8000            # embedded world: training samples (in-domain families)
     num_eval: int = EVAL_SAMPLES     # embedded world: evaluation samples (all seven families, 400 each)
     num_validation: int = VALIDATION_SAMPLES  # embedded world: validation samples (in-domain, 400 a family):
-                                     # an SFT run's headroom, --validate
+                                     # an SFT run's headroom (0: none), --validate
     out_dir: str = "out/default"     # config.json, log.jsonl, ckpt/, eval.json and report.md go here
     # optimisation
     max_steps: int = 40              # optimizer steps of this run (the SFT stage has sft_steps); with batch_size,
@@ -596,7 +596,7 @@ def train(config, rank, world_size):
             extra, line = gap_report(gap_before, gap_after)
             notes.append(line)
             extra |= {"gap_prompts": len(prompts), "gap_rollouts": config.gap_rollouts}
-        if teacher is None and not config.data:  # an SFT run on the embedded world: the room it leaves teachers
+        if teacher is None and not config.data and config.num_validation:  # SFT on the embedded world: the room it leaves teachers
             extra["headroom"], text = headroom(model, processor, validation_world(config.num_validation, seed=config.seed),
                                                **evaluation_settings(config))
             notes.append(text)
@@ -645,6 +645,8 @@ def main(argv):
     if config.mode in DISTILL_MODES and config.max_new_tokens >= config.max_length:
         raise SystemExit(f"error: --max_new_tokens={config.max_new_tokens} leaves no room for the prompt in "
                          f"--max_length={config.max_length}")
+    if config.validate and not config.num_validation:
+        raise SystemExit("error: --validate evaluates on the validation split, but --num_validation=0")
     if config.dry_run:
         # WORLD_SIZE=8 python train.py ...: the plan of one GPU of 8
         return print_memory_plan(config, int(os.environ.get("WORLD_SIZE", 1)), config.mode in DISTILL_MODES)

@@ -219,6 +219,8 @@ def test_pipeline_errors_and_the_sft_stage_of_ptdpo(tmp_path):
         train.main(["--mode=ptdpo", "--num_rollouts=1", f"--out_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="neither .*/ckpt nor .*/sft/ckpt exists"):
         train.main(["--resume=true", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="--validate evaluates on the validation split, but --num_validation=0"):
+        train.main(["--validate", "--num_validation=0", f"--out_dir={tmp_path}"])
     # the SFT stage is a Config of its own: its sft_* schedule, none of PTD-PO's groups; config.json
     # of each run is the config that ran
     captured = {}
@@ -356,3 +358,10 @@ def test_rollouts_sampled_in_chunks_reach_each_micro_batch_as_sampled_one_micro_
     assert [len(rows) for rows, _, _ in reference] == [6, 6]
     assert [s.id for s in reference[0][0][::2]] == [s.id for s in train.step_prompts(samples, 10, 0, 1, config)[0]]
     assert [s.id for s in reference[1][0][::2]] == [s.id for s in train.step_prompts(samples, 11, 0, 1, config)[0]]
+
+
+def test_an_sft_run_without_a_validation_split_skips_its_headroom(tmp_path):
+    train.main(["--mode=sft", "--max_steps=1", "--num_train=8", "--num_eval=7", "--num_validation=0", "--batch_size=2",
+                "--max_new_tokens=8", "--warmup_steps=0", f"--out_dir={tmp_path}"])
+    with open(tmp_path / "eval.json") as f:
+        assert "headroom" not in json.load(f)
