@@ -436,12 +436,24 @@ class EvalConfig:
     batch_size: int = 256            # prompts per batch
     max_new_tokens: int = 0          # longest answer; 0 = 96, or the paper's 4,096 with --paper_settings
     out: str = ""                    # the results file; empty = CKPT/eval.json (headroom.json with --headroom)
+    against: str = ""                # another model's answers on the same samples (a run's *_predictions.jsonl):
+                                     # the paired difference to them, with its 95% interval
     heatmaps: int = 0                # draw the sink's attention over this many images (a ViCuR checkpoint)
     device: str = "cpu"              # cpu or cuda
     dtype: str = "float32"           # float32 or bfloat16
 
 
 USAGE = "python evaluate.py --ckpt=DIR|MODEL_ID [--key=value ...]   (python tables.py: the paper's tables)"
+
+
+def read_predictions(path, samples):
+    """The answers in an *_predictions.jsonl, checked to be of these samples, in this order."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    if [r["id"] for r in records] != [s.id for s in samples]:
+        sys.exit(f"error: --against={path} holds the answers to other samples than this evaluation's "
+                 f"{len(samples)} (the same --split, --seed and --num_eval as the run that wrote it?)")
+    return records
 
 
 def has_weights(folder):
@@ -506,7 +518,8 @@ def main(argv):
         model, processor, samples, out, config.batch_size,
         config.max_new_tokens or (benchmarks.PAPER_MAX_NEW_TOKENS if paper else 96),
         messages_fn=benchmarks.paper_messages if paper else student_messages,
-        sampling=benchmarks.PAPER_SAMPLING if paper else None, seed=config.seed)
+        sampling=benchmarks.PAPER_SAMPLING if paper else None, seed=config.seed,
+        before_records=read_predictions(config.against, samples) if config.against else None)
     if config.benchmarks:
         print(benchmarks.paper_table(results["per_family"], config.ckpt))
     print(f"wrote {out}")

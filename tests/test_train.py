@@ -103,10 +103,17 @@ def test_evaluate_cli_scores_a_checkpoint(short_run, tmp_path, capsys):
     saved = json.load(open(out))
     reference = json.load(open(os.path.join(short_run, "eval.json")))
     assert saved["per_family"] == reference["per_family"]         # the same greedy answers as the run's own
-    with pytest.raises(SystemExit, match="unknown config key 'checkpoint'; known keys: batch_size, benchmarks, ckpt"):
+    with pytest.raises(SystemExit, match="unknown config key 'checkpoint'; known keys: against, batch_size, benchmarks, ckpt"):
         evaluate.main(["--checkpoint=x"])
     evaluate.main([f"--ckpt={short_run}", "--num_eval=14", "--max_new_tokens=24", f"--out={tmp_path / 'run.json'}"])
     assert json.load(open(tmp_path / "run.json"))["per_family"] == saved["per_family"]   # a run folder: its ckpt/
+    # --against: the paired difference to another model's answers on the same samples; here its own: 0 ± 0
+    evaluate.main([f"--ckpt={short_run}", "--num_eval=14", "--max_new_tokens=24", f"--out={tmp_path / 'again.json'}",
+                   f"--against={tmp_path / 'eval_predictions.jsonl'}"])
+    assert json.load(open(tmp_path / "again.json"))["intervals"]["delta in-domain"] == [0.0, 0.0]
+    with pytest.raises(SystemExit, match="holds the answers to other samples"):
+        evaluate.main([f"--ckpt={short_run}", "--num_eval=7", "--max_new_tokens=24", f"--out={tmp_path / 'x.json'}",
+                       f"--against={tmp_path / 'eval_predictions.jsonl'}"])
 
 
 def test_training_on_jsonl_files_goes_through_the_real_loader(tmp_path):
