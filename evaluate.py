@@ -448,8 +448,19 @@ USAGE = "python evaluate.py --ckpt=DIR|MODEL_ID [--key=value ...]   (python tabl
 
 def read_predictions(path, samples):
     """The answers in an *_predictions.jsonl, checked to be of these samples, in this order."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
+    records = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    if not (isinstance(record, dict) and {"id", "task", "correct"} <= record.keys()):
+                        raise ValueError("not an answer record with id, task and correct")
+                except ValueError as error:  # json.JSONDecodeError is a ValueError
+                    sys.exit(f"error: --against={path}, line {number}: {error}")
+                records.append(record)
+    except OSError as error:
+        sys.exit(f"error: --against={path}: {error.strerror}")
     if [r["id"] for r in records] != [s.id for s in samples]:
         sys.exit(f"error: --against={path} holds the answers to other samples than this evaluation's "
                  f"{len(samples)} (the same --split, --seed and --num_eval as the run that wrote it?)")

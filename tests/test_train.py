@@ -114,6 +114,12 @@ def test_evaluate_cli_scores_a_checkpoint(short_run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="holds the answers to other samples"):
         evaluate.main([f"--ckpt={short_run}", "--num_eval=7", "--max_new_tokens=24", f"--out={tmp_path / 'x.json'}",
                        f"--against={tmp_path / 'eval_predictions.jsonl'}"])
+    lines = open(tmp_path / "eval_predictions.jsonl").readlines()
+    for bad, reason in [("{not json\n", "line 3: Expecting property name"), ('{"id": "x"}\n', "line 3: not an answer record")]:
+        (tmp_path / "bad.jsonl").write_text("".join(lines[:2]) + bad + "".join(lines[3:]))
+        with pytest.raises(SystemExit, match=f"--against=.*bad.jsonl, {reason}"):
+            evaluate.main([f"--ckpt={short_run}", "--num_eval=14", "--max_new_tokens=24", f"--out={tmp_path / 'x.json'}",
+                           f"--against={tmp_path / 'bad.jsonl'}"])
 
 
 def test_training_on_jsonl_files_goes_through_the_real_loader(tmp_path):
