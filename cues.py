@@ -25,7 +25,7 @@ gives the method away; read the report's examples. A bare capital letter is allo
 label points A, B, C.
 
 --gap_student=CKPT measures what a cue is worth to a teacher: the exact privilege gap
-KL(student || student + cue) (distill.exact_gap) of the generated cues against the file's own cues,
+KL(student || student + cue) (gap.exact_gap) of the generated cues against the file's own cues,
 on the same student samples (paired by prompt), over the samples whose cue changed.
 """
 
@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 import cli
 from data import collate, read_jsonl, to_device, user_message
-from distill import exact_gap, gap_change, mentions_answer
+from distill import mentions_answer
+from gap import exact_gap, gap_change
 from evaluate import _LATEX_FRAC, _choice_letter, _clean, _number_of, _parse_number, stated_answer
 from model import load_model
 from rollout import sample_completions

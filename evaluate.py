@@ -516,11 +516,11 @@ def main(argv):
     name = "headroom.json" if config.headroom else "eval.json"
     out = config.out or (os.path.join(ckpt, name) if os.path.isdir(ckpt) else name)
     if config.headroom:
-        import distill  # it scores with this file, so it imports this file
+        import gap  # it scores with this file, so it imports this file
         teacher = load_model(checkpoint_folder(config.teacher), dtype=getattr(torch, config.dtype),
                              device=config.device)[0] if config.teacher else None
-        results, text = distill.headroom(model, processor, validation_world(VALIDATION_SAMPLES, seed=config.seed),
-                                         teacher, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens or 96)
+        results, text = gap.headroom(model, processor, validation_world(VALIDATION_SAMPLES, seed=config.seed),
+                                      teacher, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens or 96)
         print(text)
         with open(out, "w") as f:
             json.dump({**results, "ckpt": config.ckpt, "teacher": config.teacher}, f, indent=2)

@@ -192,7 +192,7 @@ def mean_difference(terms):
 
 def pooled_change(summaries, key):
     """The mean over seeds of summary[key]'s after - before, and its SE sqrt(sum_s se_s^2) / S from each
-    seed's SE paired by prompt (distill.gap_change); None when no summary has the key."""
+    seed's SE paired by prompt (gap.gap_change); None when no summary has the key."""
     values = [s[key] for s in summaries if key in s]
     if not values:
         return None

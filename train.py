@@ -33,9 +33,10 @@ import teacher_ranks
 from checkpoint import load_train_state, save_checkpoint, saved_run
 from data import (collate, completion_token_ids, describe_sample, eval_world, load_jsonl, make_world, student_messages,
                   to_device, validation_world, EVAL_SAMPLES, VALIDATION_SAMPLES)
-from distill import (check_same_tokenizer, gap_prompts, gap_report, headroom, hint_text, measure_gap, microbatch_loss,
-                     rollout_completions, teacher_messages, timed, unrelated_cues)
+from distill import (check_same_tokenizer, hint_text, microbatch_loss, rollout_completions, teacher_messages, timed,
+                     unrelated_cues)
 from evaluate import evaluate, write_evaluation
+from gap import gap_prompts, gap_report, headroom, measure_gap, without_per_prompt
 from model import TINY_SIZES, load_model, load_processor, num_parameters, print_memory_plan
 from optim import FlatAdamW
 from report import evaluation_settings, finish, reuse_sft_evaluation
@@ -524,11 +525,6 @@ def describe_teacher(teacher, samples, config):
         print(f"note: {lacking} of {len(samples)} training samples have no {privilege}; "
               f"for them the teacher sees the student's prompt")
     return privilege
-
-
-def without_per_prompt(gap):
-    """exact_gap's numbers for log.jsonl, without the per-prompt tensors that gap_report pairs."""
-    return {key: value for key, value in gap.items() if key != "per_prompt"}
 
 
 def train(config, rank, world_size):

@@ -2,10 +2,10 @@
 amendment 5). Two measurements:
 
 1. KL(student || teacher) over the full vocabulary on the student's own samples (temperature 1, the
-   validation split), split by part of the rationale: in the nine-cell scan (up to the '.' after
-   'c3'), the mark decisions (the token after an object's shape: ':' marks it as one the question asks
-   about, '.' does not) and the rest of the scan; what follows the scan; the answer word (the token
-   after the last 'is').
+   validation split; gap.exact_gap's rollouts and KL), split by part of the rationale: in the nine-cell
+   scan (up to the '.' after 'c3'), the mark decisions (the token after an object's shape: ':' marks it
+   as one the question asks about, '.' does not) and the rest of the scan; what follows the scan; the
+   answer word (the token after the last 'is').
 2. On the evaluation samples the teacher answers right and the base wrong (greedy predictions of the
    two models on the same samples), how often the base reads every cell as the teacher does, with
    the query marks (' : red objects') stripped: there the base saw the same scene and went wrong in
@@ -25,11 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
-from data import CELLS, SHAPES, collate, student_messages, to_device, validation_world  # noqa: E402
-from distill import completion_logits, rollout_completions, scoring_batch, teacher_logits  # noqa: E402
-from divergences import divergence  # noqa: E402
+from data import CELLS, SHAPES, validation_world  # noqa: E402
+from gap import exact_gap  # noqa: E402
 from model import load_model  # noqa: E402
-from rollout import sample_completions  # noqa: E402
 
 
 @dataclass
@@ -51,26 +49,16 @@ def part_of_tokens(words):
             "mark" if j > 0 and words[j - 1] in SHAPES else "scan" for j in range(len(words))]
 
 
-@torch.no_grad()
 def kl_by_part(config):
     student, processor = load_model(config.student)
     teacher, _ = load_model(config.teacher)
-    student.eval()
-    sums, counts = {}, {}
     prompts = validation_world(config.prompts, seed=0)
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start:start + 64]
-        batch = to_device(collate(processor, [student_messages(s) for s in chunk], max_length=512 - 96), "cpu")
-        generators = [torch.Generator().manual_seed(start * 2 + j) for j in range(len(chunk) * 2)]
-        rollout = sample_completions(student, processor, batch, n=2, max_new_tokens=96, generator=generators)
-        completions, rows = rollout_completions(rollout), [s for s in chunk for _ in range(2)]
-        plain = scoring_batch(processor, [student_messages(s) for s in rows], completions, 512)
-        student_logits, _ = completion_logits(student, to_device(plain, "cpu"))
-        kl = divergence(student_logits, teacher_logits(teacher, processor, rows, "none", completions, 512), "rkl")
-        for completion, row_kl in zip(completions, kl.double().split([len(c) for c in completions])):
-            for part, value in zip(part_of_tokens([processor.tokenizer.decode([t]) for t in completion]), row_kl):
-                sums[part] = sums.get(part, 0.0) + value.item()
-                counts[part] = counts.get(part, 0) + 1
+    measured = exact_gap(student, teacher, processor, prompts, "none", 512, 96, rollouts=2, seed=0, per_token=True)
+    sums, counts = {}, {}
+    for completion, row_kl in measured["per_token"]:
+        for part, value in zip(part_of_tokens([processor.tokenizer.decode([t]) for t in completion]), row_kl):
+            sums[part] = sums.get(part, 0.0) + value.item()
+            counts[part] = counts.get(part, 0) + 1
     total = sum(sums.values())
     print(f"KL(student || teacher) on {len(prompts)} validation prompts x 2 samples, by part:")
     for part in ("mark", "scan", "after", "answer"):

@@ -1,5 +1,5 @@
 """The sampled reward of two checkpoints on the same validation prompts, paired by prompt
-(docs/testbed.md, amendment 8): distill.exact_gap's rollouts and reward (`samples` seeded completions
+(docs/testbed.md, amendment 8): gap.exact_gap's rollouts and reward (`samples` seeded completions
 a prompt at temperature 1, the same seeds for both models) and gap_change's pairing, on more prompts
 and samples than a run's own gap_prompts x gap_rollouts. Each model is its own teacher here, with no
 hint: only the reward is read.
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 from data import validation_world  # noqa: E402
-from distill import exact_gap, gap_change  # noqa: E402
+from gap import exact_gap, gap_change  # noqa: E402
 from model import load_model  # noqa: E402
 
 
