@@ -44,8 +44,8 @@ from tqdm import tqdm
 import cli
 from data import collate, read_jsonl, to_device, user_message
 from distill import mentions_answer
-from gap import exact_gap, gap_change
 from evaluate import _LATEX_FRAC, _choice_letter, _clean, _number_of, _parse_number, stated_answer
+from gap import exact_gap, gap_change
 from model import load_model
 from rollout import sample_completions
 
