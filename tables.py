@@ -351,6 +351,15 @@ def draw_curves(series, path, title, panel=(330, 220), columns=4):
     return path
 
 
+def curves_title(rows, runs):
+    """A figure's title: each row with the seeds its curves average (under --seed_rows, some rows have one)."""
+    def seeds_of(row):
+        seeds = sorted(runs[row])
+        return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    return (", ".join(f"{title} ({seeds_of(row)})" for row, title in rows.items())
+            + ": the mean over each row's seeds, then a moving average of 10 steps")
+
+
 def write_tables(folder, seeds, names, lrs, chosen, minutes):
     """tables.md (the grid, the tables, the verdicts) and a curves PNG per comparison, from the
     finished run folders of the rows `names`."""
@@ -385,9 +394,7 @@ def write_tables(folder, seeds, names, lrs, chosen, minutes):
             continue
         series = {title: {m: step_series([run_folder(folder, row, chosen[row], s) for s in runs[row]], m) for m in CURVES}
                   for row, title in rows.items()}
-        draw_curves(series, os.path.join(folder, f"curves_{name}.png"),
-                    f"{', '.join(rows.values())}: the mean over seeds {', '.join(map(str, seeds))}, "
-                    f"then a moving average of 10 steps")
+        draw_curves(series, os.path.join(folder, f"curves_{name}.png"), curves_title(rows, runs))
     return text
 
 

@@ -180,3 +180,10 @@ def test_the_tables_command_end_to_end(tiny, tmp_path):
     assert os.path.isfile(tmp_path / "tables" / "curves_teachers.png")
     assert os.path.isfile(tmp_path / "tables" / "opsd" / "lr2e-4" / "seed3" / "validation.json")   # the grid's choice
     load_model(str(tmp_path / "tables" / "opsd_vicur" / "lr2e-4" / "seed3" / "ckpt"))   # a usable checkpoint
+
+
+def test_a_curves_title_names_the_seeds_of_each_row():
+    """Under --seed_rows a row may have one seed while another has three; the title says which."""
+    runs = {"opd": {0: {}, 1: {}, 2: {}}, "opsd_vicur": {0: {}}}
+    title = tables.curves_title({"opsd_vicur": "OPSD+ViCuR", "opd": "OPD"}, runs)
+    assert title.startswith("OPSD+ViCuR (seed 0), OPD (seeds 0, 1, 2): the mean over each row's seeds")
