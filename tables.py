@@ -214,6 +214,20 @@ def interval(value, se, digits=1):
     return f"{value:+.{digits}f} ± {1.96 * se:.{digits}f}"
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t quantiles, df
+
+
+def over_seeds(differences, digits=1):
+    """'each seed's A - B; mean ± t_{S-1} sd / sqrt(S)': the seeds' spread (training randomness), which
+    the pooled interval (evaluation samples of the trained models) does not contain. Reported beside
+    the protocol's verdict, not used by it."""
+    cells = ", ".join(f"{d:+.{digits}f}" for d in differences)
+    mean, sd = mean_and_spread(differences)
+    if sd is None or len(differences) - 1 not in T_975:
+        return cells
+    return f"{cells}; {mean:+.{digits}f} ± {T_975[len(differences) - 1] * sd / len(differences) ** 0.5:.{digits}f}"
+
+
 def seed_table(runs, rows, families, chosen):
     """Markdown: one line per {folder: row title}: the chosen rate, a column per family and the two
     averages (mean ± sd over seeds), the pooled paired difference to Base with its 95% interval, the
@@ -262,18 +276,22 @@ def grid_table(grid, lrs, chosen):
 
 def claims_and_sanity(runs, grid):
     """docs/testbed.md's verdicts on the paper's claims and the sanity properties -> markdown lines."""
-    lines = ["| claim | Δ in-domain (95%), points | verdict |", "|---|---|---|"]
+    lines = ["| claim | Δ in-domain (95%), points | verdict | per seed; over seeds (t, 95%) |", "|---|---|---|---|"]
     for claim, a, relation, b in CLAIMS:
         if a in runs and b in runs:
             value, se = pooled_delta(runs, a, b)
-            lines.append(f"| {claim} | {interval(value, se)} | {verdict(value, se, relation)} |")
+            seeds = over_seeds([runs[a][s]["in_domain_avg"] - runs[b][s]["in_domain_avg"]
+                                for s in runs[a] if s in runs[b]])
+            lines.append(f"| {claim} | {interval(value, se)} | {verdict(value, se, relation)} | {seeds} |")
     for claim, a, b, key, when in (("the cue's privilege gap > the answer's (exact gap at step 0)", "opsd_vicur", "opsd",
                                     "distill_gap", "before"),
                                    ("PTD-PO's entropy after > GRPO's", "ptdpo", "grpo", "entropy", "after")):
         if a in runs and b in runs:
-            value, se = mean_difference([(runs[a][s][key][when], runs[a][s][key][f"{when}_se"], runs[b][s][key][when],
-                                          runs[b][s][key][f"{when}_se"]) for s in runs[a] if s in runs[b]])
-            lines.append(f"| {claim} | {interval(value, se, 5)} (nats) | {verdict(value, se, '>0')} |")
+            terms = [(runs[a][s][key][when], runs[a][s][key][f"{when}_se"], runs[b][s][key][when],
+                      runs[b][s][key][f"{when}_se"]) for s in runs[a] if s in runs[b]]
+            value, se = mean_difference(terms)
+            lines.append(f"| {claim} | {interval(value, se, 5)} (nats) | {verdict(value, se, '>0')} | "
+                         f"{over_seeds([x - y for x, _, y, _ in terms], 5)} |")
     lines += ["", "| sanity property | measured | holds |", "|---|---|---|"]
     if "opd" in runs:
         change = pooled_change(list(runs["opd"].values()), "distill_gap")
@@ -375,11 +393,13 @@ def write_tables(folder, seeds, names, lrs, chosen, minutes):
     families = runs["base"][seeds[0]]["families"]
     date = datetime.date.today().isoformat()
     text = (f"# The paper's tables on the embedded world\n\n{date}; seeds {', '.join(map(str, seeds))}; "
-            f"{minutes:.0f} min; the protocol: docs/testbed.md. Accuracy in %, mean ± standard deviation over "
-            f"seeds. Δ: the row minus Base, paired on the same samples and pooled over the seeds, with its 95% "
-            f"interval. Exact gap: KL(student || teacher), nats a token, before -> after (means over seeds). "
-            f"Privilege gap and hint leakage: means over the steps of log.jsonl. Cue recall: % of the sink's "
-            f"attention inside the cue boxes, at the end.\n\n"
+            f"{minutes:.0f} min in this invocation (runs kept from earlier ones not counted); the protocol: "
+            f"docs/testbed.md. Accuracy in %, mean ± standard deviation over seeds. Δ: the row minus Base, "
+            f"paired on the same samples and pooled over the seeds, with its 95% interval. Exact gap: "
+            f"KL(student || teacher), nats a token, before -> after (means over seeds). Privilege gap and hint "
+            f"leakage: means over the steps of log.jsonl. Cue recall: % of the sink's attention inside the cue "
+            f"boxes, at the end. The claims' last column: each seed's difference and a t interval over seeds "
+            f"(the spread of training), beside the protocol's verdict.\n\n"
             f"## The learning-rate grid (seed {seeds[0]}, validation in-domain average)\n\n"
             f"{grid_table(grid, lrs, chosen)}\n\n"
             f"## Table 1: which teacher privilege helps, PTD-PO, and the controls\n\n"

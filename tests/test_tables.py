@@ -97,7 +97,10 @@ def test_the_seed_table_by_hand(tmp_path):
     ablation = text.split("## Component ablation")[1].split("## The paper's claims")[0]
     assert "| answer hint (OPSD) |" in ablation and "| full ViCuR: cue hint + module |" in ablation
     assert "+ cue hint only" not in ablation                                  # a row that did not run
-    assert "| OPSD+ViCuR > OPSD |" in text
+    claim = dict(zip(cells_of(text, "claim"), cells_of(text, "OPSD+ViCuR > OPSD")))
+    # each seed's in-domain difference (70 - 70, 60 - 75), then mean ± t_1 sd / sqrt(2) with t_1 = 12.706
+    spread = 12.706 * statistics.stdev([0.0, -15.0]) / 2 ** 0.5
+    assert claim["per seed; over seeds (t, 95%)"] == f"+0.0, -15.0; -7.5 ± {spread:.1f}"
     # the sanity table: each rate's paired change; OPSD's lowest at 1e-4, +0.001 ± 1.96 * 0.00025: does not fall
     assert "| OPSD: some rate lowers its exact gap (lowest: lr 1e-4, +0.001000 ± 0.000490) |" in text
     assert sorted(p.name for p in tmp_path.glob("curves_*.png")) == ["curves_ablation.png", "curves_teachers.png"]
@@ -112,6 +115,13 @@ def test_verdicts_follow_the_protocols_rule():
     assert tables.verdict(0.0, 0.4, "<=") == "supported" and tables.verdict(2.0, 0.5, "<=") == "not supported"
     assert tables.verdict(0.5, 0.5, "<=") == "inconclusive"
     assert tables.verdict(-0.01, 0.001, ">0") == "not supported" and tables.verdict(0.001, 0.001, ">0") == "inconclusive"
+
+
+def test_over_seeds_uses_students_t():
+    """Three seeds: t with 2 degrees of freedom (4.303), not the normal's 1.96; one seed: no interval."""
+    assert tables.over_seeds([1.0, 2.0, 6.0]) == f"+1.0, +2.0, +6.0; +3.0 ± {4.303 * 7 ** 0.5 / 3 ** 0.5:.1f}"
+    assert tables.over_seeds([1.0, 2.0, 6.0]) != f"+1.0, +2.0, +6.0; +3.0 ± {1.96 * 7 ** 0.5 / 3 ** 0.5:.1f}"
+    assert tables.over_seeds([0.5]) == "+0.5"
 
 
 def test_step_series_averages_seeds_then_smooths(tmp_path):
