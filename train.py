@@ -115,8 +115,8 @@ class Config:
     ptd_stop_grad: bool = False      # no gradient through p_S where it weights KL(p_S || M): then the
                                      # JSD's gradient is identically 0 (see distill.divergence), so off
     # the SFT stage before distilling a tiny (random) student without --init_from
-    sft_steps: int = 2000            # steps of that SFT stage; 2,000 so that its headroom holds whatever the
-                                     # thread count (docs/testbed.md, amendment 13)
+    sft_steps: int = 2000            # steps of that SFT stage; at 1,600 its headroom's C1 sat on its bound
+                                     # (docs/testbed.md, amendment 13)
     sft_lr: float = 1e-3             # its peak learning rate
     sft_warmup_steps: int = 50       # its warm-up
     sft_batch_size: int = 16         # its samples per rank and micro-step
